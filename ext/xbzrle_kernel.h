@@ -1,0 +1,425 @@
+/*
+ * XBZRLE page kernels: delta encoder, validating decoder, page hash.
+ *
+ * The format is described in docs/format.md. Everything here works on one
+ * page at a time with no allocation, takes no Python objects and is called
+ * by ext/_core.pyx with the GIL released.
+ *
+ * The encoder builds a bitmap of changed bytes with the widest compare the
+ * CPU has (AVX-512BW, AVX2, or 64-bit words), folds one-byte unchanged gaps
+ * into the surrounding changed runs on the bitmap, rejects pages whose
+ * encoding cannot fit from a popcount lower bound, and only then walks the
+ * runs with count-trailing-zeros to emit pairs.
+ */
+#ifndef MIGRATED_XBZRLE_KERNEL_H
+#define MIGRATED_XBZRLE_KERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define XB_X86 1
+#endif
+
+#define XB_MAX_PAGE 16384
+#define XB_MAX_RUN 16383 /* largest length a 2-byte ULEB128 holds */
+
+/* Decoder error codes (negative return values of xb_decode_check). */
+#define XB_ERR_LEN_TRUNCATED -1   /* ULEB128 runs past the end of the input */
+#define XB_ERR_LEN_TOO_LONG -2    /* ULEB128 longer than 2 bytes */
+#define XB_ERR_ZERO_ZRUN -3       /* zrun of 0 after the first pair */
+#define XB_ERR_ZERO_NZRUN -4      /* nzrun of 0 */
+#define XB_ERR_PAST_PAGE -5       /* run goes past the end of the page */
+#define XB_ERR_DATA_TRUNCATED -6  /* nzrun bytes run past the end of input */
+#define XB_ERR_MISSING_NZRUN -7   /* input ends between a zrun and its nzrun */
+
+/* ------------------------------------------------------------------ */
+/* Changed-byte bitmaps: bit i of map is set when a[i] != b[i].        */
+/* n is a multiple of 64. Returns the OR of all words (0: identical).  */
+/* ------------------------------------------------------------------ */
+
+static inline uint64_t xb_load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t xb_nonzero_bytes(uint64_t x)
+{
+    /* high bit of each byte set when that byte is non-zero */
+    uint64_t y = ((x & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL) | x;
+    y &= 0x8080808080808080ULL;
+    /* gather the 8 high bits into one byte, byte k -> bit k */
+    return ((y >> 7) * 0x0102040810204080ULL) >> 56;
+}
+
+static uint64_t xb_diffmap_generic(const uint8_t *a, const uint8_t *b,
+                                   size_t n, uint64_t *map)
+{
+    uint64_t any = 0;
+    for (size_t i = 0; i < n; i += 64) {
+        uint64_t m = 0;
+        for (int j = 0; j < 8; j++) {
+            uint64_t x = xb_load64(a + i + 8 * j) ^ xb_load64(b + i + 8 * j);
+            if (x)
+                m |= xb_nonzero_bytes(x) << (8 * j);
+        }
+        map[i >> 6] = m;
+        any |= m;
+    }
+    return any;
+}
+
+#ifdef XB_X86
+__attribute__((target("avx2"))) static uint64_t
+xb_diffmap_avx2(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
+{
+    uint64_t any = 0;
+    for (size_t i = 0; i < n; i += 64) {
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + i));
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + i));
+        __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + i + 32));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + i + 32));
+        uint32_t e0 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a0, b0));
+        uint32_t e1 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a1, b1));
+        uint64_t m = ~(((uint64_t)e1 << 32) | e0);
+        map[i >> 6] = m;
+        any |= m;
+    }
+    return any;
+}
+
+__attribute__((target("avx512f,avx512bw"))) static uint64_t
+xb_diffmap_avx512(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
+{
+    uint64_t any = 0;
+    for (size_t i = 0; i < n; i += 64) {
+        __m512i va = _mm512_loadu_si512((const void *)(a + i));
+        __m512i vb = _mm512_loadu_si512((const void *)(b + i));
+        uint64_t m = (uint64_t)_mm512_cmpneq_epi8_mask(va, vb);
+        map[i >> 6] = m;
+        any |= m;
+    }
+    return any;
+}
+#endif
+
+typedef uint64_t (*xb_diffmap_fn)(const uint8_t *, const uint8_t *, size_t,
+                                  uint64_t *);
+
+/* Kernel selection: 0 generic, 1 avx2, 2 avx512bw. */
+static xb_diffmap_fn xb_diffmap = xb_diffmap_generic;
+static int xb_kernel_id = 0;
+
+static int xb_kernel_supported(int id)
+{
+    if (id == 0)
+        return 1;
+#ifdef XB_X86
+    __builtin_cpu_init();
+    if (id == 1)
+        return __builtin_cpu_supports("avx2");
+    if (id == 2)
+        return __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512f");
+#endif
+    return 0;
+}
+
+static int xb_set_kernel(int id)
+{
+    if (!xb_kernel_supported(id))
+        return -1;
+#ifdef XB_X86
+    if (id == 1) {
+        xb_diffmap = xb_diffmap_avx2;
+        xb_kernel_id = 1;
+        return 0;
+    }
+    if (id == 2) {
+        xb_diffmap = xb_diffmap_avx512;
+        xb_kernel_id = 2;
+        return 0;
+    }
+#endif
+    xb_diffmap = xb_diffmap_generic;
+    xb_kernel_id = 0;
+    return 0;
+}
+
+static int xb_best_kernel(void)
+{
+    for (int id = 2; id > 0; id--)
+        if (xb_kernel_supported(id))
+            return id;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Encoder                                                             */
+/* ------------------------------------------------------------------ */
+
+static inline size_t xb_uleb_size(size_t v) { return v < 128 ? 1 : 2; }
+
+static inline size_t xb_put_uleb(uint8_t *p, size_t v)
+{
+    if (v < 128) {
+        p[0] = (uint8_t)v;
+        return 1;
+    }
+    p[0] = (uint8_t)((v & 0x7f) | 0x80);
+    p[1] = (uint8_t)(v >> 7);
+    return 2;
+}
+
+/* first set bit at or after pos, or nbits */
+static inline size_t xb_next_set(const uint64_t *map, size_t nw, size_t pos)
+{
+    size_t w = pos >> 6;
+    if (w >= nw)
+        return nw << 6;
+    uint64_t m = map[w] & (~0ULL << (pos & 63));
+    while (!m) {
+        if (++w >= nw)
+            return nw << 6;
+        m = map[w];
+    }
+    return (w << 6) + (size_t)__builtin_ctzll(m);
+}
+
+/* first clear bit at or after pos, or nbits */
+static inline size_t xb_next_clear(const uint64_t *map, size_t nw, size_t pos)
+{
+    size_t w = pos >> 6;
+    if (w >= nw)
+        return nw << 6;
+    uint64_t m = ~map[w] & (~0ULL << (pos & 63));
+    while (!m) {
+        if (++w >= nw)
+            return nw << 6;
+        m = ~map[w];
+    }
+    return (w << 6) + (size_t)__builtin_ctzll(m);
+}
+
+/*
+ * Encode the change from old to new (n bytes, a multiple of 64, at most
+ * XB_MAX_PAGE) into out, writing at most limit bytes. Returns the encoded
+ * length (0: unchanged) or -1 when the encoding would exceed limit.
+ *
+ * Runs separated by one unchanged byte are always joined (never longer than
+ * the canonical form). Runs separated by two unchanged bytes are joined when
+ * the joined run's length header stays as short as the parts' headers: the
+ * current run already needs a 2-byte length, or the joined run still fits
+ * in one. With these two rules the output is never longer than the
+ * canonical encoding (see docs/format.md for the argument).
+ */
+static ptrdiff_t xb_encode(const uint8_t *old, const uint8_t *new_, size_t n,
+                           uint8_t *out, size_t limit)
+{
+    uint64_t map[XB_MAX_PAGE / 64];
+    size_t nw = n >> 6;
+
+    if (!xb_diffmap(old, new_, n, map))
+        return 0;
+
+    /* fold 1-byte gaps; count changed bytes and runs for a lower bound */
+    size_t changed = 0, runs = 0;
+    uint64_t prev_raw = 0, prev_folded = 0;
+    for (size_t w = 0; w < nw; w++) {
+        uint64_t m = map[w];
+        uint64_t next = (w + 1 < nw) ? map[w + 1] : 0;
+        uint64_t left = (m << 1) | (prev_raw >> 63);  /* bit i: byte i-1 */
+        uint64_t right = (m >> 1) | (next << 63);     /* bit i: byte i+1 */
+        prev_raw = m;
+        m |= left & right;
+        map[w] = m;
+        changed += (size_t)__builtin_popcountll(m);
+        runs += (size_t)__builtin_popcountll(
+            m & ~((m << 1) | (prev_folded >> 63)));
+        prev_folded = m;
+    }
+    /* every changed byte is sent, every pair costs at least 2 header bytes */
+    if (changed + 2 * runs > limit)
+        return -1;
+
+    size_t d = 0, pos = 0;
+    size_t start = xb_next_set(map, nw, 0);
+    while (start < n) {
+        size_t end = xb_next_clear(map, nw, start);
+        /* join runs across 2-byte gaps when it does not cost a byte */
+        while (end + 2 < n) {
+            size_t ns = xb_next_set(map, nw, end);
+            if (ns - end != 2)
+                break;
+            size_t ne = xb_next_clear(map, nw, ns);
+            size_t cur = end - start, joined = ne - start;
+            if (joined > XB_MAX_RUN || (cur < 128 && joined >= 128))
+                break;
+            end = ne;
+        }
+        size_t len = end - start, zrun = start - pos;
+        if (len > XB_MAX_RUN)
+            return -1; /* a fully changed 16 KiB page: send it raw */
+        if (d + xb_uleb_size(zrun) + xb_uleb_size(len) + len > limit)
+            return -1;
+        d += xb_put_uleb(out + d, zrun);
+        d += xb_put_uleb(out + d, len);
+        if (len <= 16 && d + 16 <= limit && start + 16 <= n) {
+            /* short run: one fixed 16-byte copy, the excess is overwritten
+             * or lies past the returned length */
+            memcpy(out + d, new_ + start, 16);
+        } else {
+            memcpy(out + d, new_ + start, len);
+        }
+        d += len;
+        pos = end;
+        start = xb_next_set(map, nw, end);
+    }
+    return (ptrdiff_t)d;
+}
+
+/* ------------------------------------------------------------------ */
+/* Decoder: validate first, then apply.                                 */
+/* ------------------------------------------------------------------ */
+
+static inline int xb_get_uleb(const uint8_t *src, size_t slen, size_t *i,
+                              size_t *value)
+{
+    if (*i >= slen)
+        return XB_ERR_LEN_TRUNCATED;
+    uint8_t b0 = src[*i];
+    if (!(b0 & 0x80)) {
+        *value = b0;
+        *i += 1;
+        return 0;
+    }
+    if (*i + 1 >= slen)
+        return XB_ERR_LEN_TRUNCATED;
+    uint8_t b1 = src[*i + 1];
+    if (b1 & 0x80)
+        return XB_ERR_LEN_TOO_LONG;
+    *value = (size_t)(b0 & 0x7f) | ((size_t)b1 << 7);
+    *i += 2;
+    return 0;
+}
+
+/* Returns 0 when src is a valid delta for a page of n bytes; otherwise a
+ * negative XB_ERR_* code with *err_at set to the offending input offset. */
+static int xb_decode_check(const uint8_t *src, size_t slen, size_t n,
+                           size_t *err_at)
+{
+    size_t i = 0, d = 0, count;
+    int first = 1, rc;
+    while (i < slen) {
+        size_t at = i;
+        if ((rc = xb_get_uleb(src, slen, &i, &count)) < 0) {
+            *err_at = at;
+            return rc;
+        }
+        if (count == 0 && !first) {
+            *err_at = at;
+            return XB_ERR_ZERO_ZRUN;
+        }
+        first = 0;
+        if (count > n - d) {
+            *err_at = at;
+            return XB_ERR_PAST_PAGE;
+        }
+        d += count;
+        if (i >= slen) {
+            *err_at = i;
+            return XB_ERR_MISSING_NZRUN;
+        }
+        at = i;
+        if ((rc = xb_get_uleb(src, slen, &i, &count)) < 0) {
+            *err_at = at;
+            return rc;
+        }
+        if (count == 0) {
+            *err_at = at;
+            return XB_ERR_ZERO_NZRUN;
+        }
+        if (count > n - d) {
+            *err_at = at;
+            return XB_ERR_PAST_PAGE;
+        }
+        if (count > slen - i) {
+            *err_at = i;
+            return XB_ERR_DATA_TRUNCATED;
+        }
+        i += count;
+        d += count;
+    }
+    return 0;
+}
+
+/* Apply a delta already accepted by xb_decode_check. */
+static void xb_decode_apply(const uint8_t *src, size_t slen, uint8_t *page)
+{
+    size_t i = 0, d = 0, count = 0;
+    while (i < slen) {
+        xb_get_uleb(src, slen, &i, &count);
+        d += count;
+        xb_get_uleb(src, slen, &i, &count);
+        memcpy(page + d, src + i, count);
+        i += count;
+        d += count;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Page hash: four independent multiply-rotate lanes over 8-byte words, */
+/* then an avalanche. Used for the dirty scan and the image digest.     */
+/* n is a multiple of 32.                                               */
+/* ------------------------------------------------------------------ */
+
+#define XB_P1 0x9E3779B185EBCA87ULL
+#define XB_P2 0xC2B2AE3D27D4EB4FULL
+#define XB_P3 0x165667B19E3779F9ULL
+#define XB_P4 0x85EBCA77C2B2AE63ULL
+
+static inline uint64_t xb_rotl(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
+
+static inline uint64_t xb_lane(uint64_t acc, uint64_t w)
+{
+    acc += w * XB_P2;
+    return xb_rotl(acc, 31) * XB_P1;
+}
+
+static uint64_t xb_page_hash(const uint8_t *p, size_t n)
+{
+    uint64_t a0 = XB_P1 + XB_P2, a1 = XB_P2, a2 = 0, a3 = 0 - XB_P1;
+    for (size_t i = 0; i < n; i += 32) {
+        a0 = xb_lane(a0, xb_load64(p + i));
+        a1 = xb_lane(a1, xb_load64(p + i + 8));
+        a2 = xb_lane(a2, xb_load64(p + i + 16));
+        a3 = xb_lane(a3, xb_load64(p + i + 24));
+    }
+    uint64_t h = xb_rotl(a0, 1) + xb_rotl(a1, 7) + xb_rotl(a2, 12) +
+                 xb_rotl(a3, 18);
+    h = (h ^ xb_lane(0, a0)) * XB_P1 + XB_P4;
+    h = (h ^ xb_lane(0, a1)) * XB_P1 + XB_P4;
+    h = (h ^ xb_lane(0, a2)) * XB_P1 + XB_P4;
+    h = (h ^ xb_lane(0, a3)) * XB_P1 + XB_P4;
+    h += (uint64_t)n;
+    h ^= h >> 33;
+    h *= XB_P2;
+    h ^= h >> 29;
+    h *= XB_P3;
+    h ^= h >> 32;
+    return h;
+}
+
+/* 1 when every byte of p[0..n) equals p[0] */
+static inline int xb_is_uniform(const uint8_t *p, size_t n)
+{
+    return p[0] == p[n - 1] && memcmp(p, p + 1, n - 1) == 0;
+}
+
+#endif

@@ -1,0 +1,3 @@
+"""migrated: live memory migration over TCP with XBZRLE page deltas."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from migrated.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Exceptions of migrated, saying whose fault a failure is.
+
+``MigrationError`` is the root. ``LocalError`` is our own side failing (a
+source we cannot read, a disk we cannot write); ``RemoteError`` is the peer
+sending something wrong or reporting a failure. Codec and record errors are
+remote errors and also ``ValueError``s, since they come from parsing bytes.
+"""
+from __future__ import annotations
+
+
+class MigrationError(Exception):
+    """Root of every error migrated raises on purpose."""
+
+    #: short machine-readable reason, sent to the peer in an ERROR message
+    code = "error"
+
+
+class LocalError(MigrationError):
+    """This side failed: source, disk, configuration, permissions."""
+
+    code = "local"
+
+
+class RemoteError(MigrationError):
+    """The peer sent invalid data or reported a failure."""
+
+    code = "protocol"
+
+
+class DecodeError(RemoteError, ValueError):
+    """An XBZRLE delta violates the format; ``offset`` is where, in the delta."""
+
+    code = "bad-delta"
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
+
+
+class RecordError(RemoteError, ValueError):
+    """A page record is invalid; ``offset`` is the record's stream offset."""
+
+    code = "bad-record"
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
+
+
+class ProtocolError(RemoteError, ValueError):
+    """A control message is malformed or arrives in the wrong state."""
+
+    code = "protocol"
+
+
+class PeerError(RemoteError):
+    """The peer reported an error; its message is carried verbatim."""
+
+    def __init__(self, message: str, code: str = "peer"):
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,283 @@
+"""Page records: the RAM_SAVE_FLAG-style stream (layout in docs/format.md).
+
+Page records (ZERO, PAGE, XBZRLE) are framed and applied in batches by the
+extension. The other records (MEM_SIZE block list, EOS end of pass, CONTROL
+messages) are rare and are framed and parsed here in Python.
+
+Every record starts with a big-endian u64: a page-aligned offset in the
+high bits and flags in the low 9 bits (QEMU's flag values).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from array import array
+from dataclasses import dataclass, field, fields
+from enum import IntEnum, IntFlag
+
+from migrated import _core
+from migrated.errors import ProtocolError, RecordError
+
+__all__ = [
+    "Applier",
+    "BatchStats",
+    "BlockInfo",
+    "Control",
+    "Flag",
+    "encode_batch",
+    "page_hashes",
+    "scan",
+]
+
+
+class Flag(IntFlag):
+    ZERO = 0x02
+    MEM_SIZE = 0x04
+    PAGE = 0x08
+    EOS = 0x10
+    CONTINUE = 0x20
+    XBZRLE = 0x40
+    CONTROL = 0x80
+
+
+FLAG_MASK = 0x1FF
+ENCODING_XBZRLE = 0x01
+MAX_CONTROL_PAYLOAD = 1 << 20
+MAX_BLOCKS = 65536
+MAX_BLOCK_INFO = 4096
+
+_HEADER = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_CONTROL = struct.Struct(">QBI")
+_BLOCK = struct.Struct(">QIH")
+
+
+class Control(IntEnum):
+    """Types of CONTROL records (both directions)."""
+
+    HELLO = 1  # sender: version, page size, capabilities, name
+    WELCOME = 2  # receiver: accepted capabilities
+    ACK = 3  # receiver: a pass was applied
+    COMPLETE = 4  # sender: all pages sent, digest of the image
+    COMMITTED = 5  # receiver: image committed, digest verified
+    ERROR = 6  # either side: code and message, then the connection closes
+
+
+# ---------------------------------------------------------------------------
+# Page records, in batches (extension)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Counters of one or more encoded batches (field order = _core.BATCH_COUNTERS)."""
+
+    zero_pages: int = 0
+    normal_pages: int = 0
+    normal_bytes: int = 0
+    xbzrle_pages: int = 0
+    xbzrle_bytes: int = 0
+    cache_lookups: int = 0
+    cache_miss: int = 0
+    overflow: int = 0
+    unchanged: int = 0
+    record_bytes: int = 0
+
+    def __add__(self, other: BatchStats) -> BatchStats:
+        return BatchStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def pages(self) -> int:
+        """Pages for which a record was written."""
+        return self.zero_pages + self.normal_pages + self.xbzrle_pages
+
+
+assert tuple(f.name for f in fields(BatchStats)) == _core.BATCH_COUNTERS
+
+
+def encode_batch(
+    cache: _core.PageCache,
+    block_index: int,
+    block_id: bytes,
+    block,
+    pages,
+    *,
+    xbzrle: bool = True,
+    first_pass: bool = False,
+    seed_cache: bool = True,
+    hashes=None,
+) -> tuple[bytearray, BatchStats]:
+    """Frame the records for ``pages`` (an ``array('Q')``) of one block.
+
+    Each page is copied to a private snapshot first; the record, the cache
+    and ``hashes[page]`` (when given) all use that snapshot. A page all of one
+    byte goes as ZERO; with ``xbzrle`` a cache hit goes as XBZRLE (PAGE on
+    overflow, nothing at all when unchanged) and a miss as PAGE, cached. In a
+    ``first_pass`` the cache is not consulted, and is filled only with
+    ``seed_cache``. With ``xbzrle`` off pages go raw and leave the cache.
+    """
+    options = 0
+    if xbzrle:
+        options |= _core.OPTION_XBZRLE
+        if not first_pass:
+            options |= _core.OPTION_LOOKUP | _core.OPTION_INSERT
+        elif seed_cache:
+            options |= _core.OPTION_INSERT
+    data, counters = _core.encode_batch(cache, block_index, block_id, block, pages, options, hashes)
+    return data, BatchStats(*counters)
+
+
+Applier = _core.Applier
+NEED_DATA = _core.NEED_DATA
+AT_CONTROL = _core.CONTROL
+scan = _core.scan
+page_hashes = _core.page_hashes
+page_count = _core.page_count
+
+
+def page_numbers(numbers) -> array:
+    """An ``array('Q')`` of page numbers, as the batch functions take."""
+    return array("Q", numbers)
+
+
+# ---------------------------------------------------------------------------
+# Block list, end of pass, control messages
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """One block of an image: its id, byte length and page size.
+
+    ``info`` is free-form JSON metadata that ends up in the manifest (for a
+    process source: start address, permissions, backing path).
+    """
+
+    id: str
+    length: int
+    page_size: int
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def id_bytes(self) -> bytes:
+        return self.id.encode()
+
+    @property
+    def pages(self) -> int:
+        return (self.length + self.page_size - 1) // self.page_size
+
+
+def frame_mem_size(blocks: list[BlockInfo]) -> bytes:
+    """MEM_SIZE: u32 count, then per block u8 id length, id, u64 length,
+    u32 page size, u16 info length, info (JSON)."""
+    parts = [_HEADER.pack(Flag.MEM_SIZE), _U32.pack(len(blocks))]
+    for b in blocks:
+        bid = b.id_bytes
+        info = json.dumps(b.info, separators=(",", ":")).encode() if b.info else b""
+        if not 1 <= len(bid) <= 255:
+            raise ValueError(f"block id {b.id!r} must be 1 to 255 bytes")
+        if len(info) > MAX_BLOCK_INFO:
+            raise ValueError(f"block info of {b.id!r} is too large")
+        parts += [bytes([len(bid)]), bid, _BLOCK.pack(b.length, b.page_size, len(info)), info]
+    return b"".join(parts)
+
+
+def frame_eos(pass_number: int) -> bytes:
+    """EOS: u32 pass number."""
+    return _HEADER.pack(Flag.EOS) + _U32.pack(pass_number)
+
+
+def frame_control(kind: Control, payload: dict) -> bytes:
+    """CONTROL: u8 type, u32 length, JSON payload."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    if len(body) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("control payload too large")
+    return _CONTROL.pack(Flag.CONTROL, kind, len(body)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRecord:
+    """A non-page record parsed from the front of a buffer."""
+
+    flag: Flag
+    size: int  # bytes it occupies in the stream
+    blocks: list[BlockInfo] | None = None
+    pass_number: int | None = None
+    control: Control | None = None
+    payload: dict | None = None
+
+
+def parse_record(buf, offset: int) -> ParsedRecord | None:
+    """Parse the non-page record at the front of ``buf``.
+
+    ``offset`` is its stream offset, for error messages. Returns None when
+    ``buf`` does not yet hold the whole record. Declared lengths are checked
+    against their limits before anything is buffered.
+    """
+    mv = memoryview(buf)
+    if len(mv) < 8:
+        return None
+    (header,) = _HEADER.unpack_from(mv)
+    flags = header & FLAG_MASK
+    if header & ~FLAG_MASK:
+        raise RecordError(f"record at stream offset {offset}: non-page record with an offset", offset)
+    if flags == Flag.EOS:
+        if len(mv) < 12:
+            return None
+        return ParsedRecord(Flag.EOS, 12, pass_number=_U32.unpack_from(mv, 8)[0])
+    if flags == Flag.CONTROL:
+        if len(mv) < _CONTROL.size:
+            return None
+        _, kind, length = _CONTROL.unpack_from(mv)
+        if length > MAX_CONTROL_PAYLOAD:
+            raise ProtocolError(f"control record at stream offset {offset} declares {length} bytes")
+        try:
+            kind = Control(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown control record type {kind} at stream offset {offset}") from None
+        end = _CONTROL.size + length
+        if len(mv) < end:
+            return None
+        try:
+            payload = json.loads(bytes(mv[_CONTROL.size : end]))
+        except ValueError as exc:
+            raise ProtocolError(f"control record at stream offset {offset} is not JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"control record at stream offset {offset} is not a JSON object")
+        return ParsedRecord(Flag.CONTROL, end, control=kind, payload=payload)
+    if flags == Flag.MEM_SIZE:
+        return _parse_mem_size(mv, offset)
+    raise RecordError(f"record at stream offset {offset}: unexpected flags {flags:#x}", offset)
+
+
+def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
+    if len(mv) < 12:
+        return None
+    (count,) = _U32.unpack_from(mv, 8)
+    if count > MAX_BLOCKS:
+        raise RecordError(f"block list at stream offset {offset} declares {count} blocks", offset)
+    pos = 12
+    blocks = []
+    for _ in range(count):
+        if len(mv) < pos + 1:
+            return None
+        idlen = mv[pos]
+        if idlen == 0:
+            raise RecordError(f"block list at stream offset {offset}: empty block id", offset)
+        if len(mv) < pos + 1 + idlen + _BLOCK.size:
+            return None
+        raw_id = bytes(mv[pos + 1 : pos + 1 + idlen])
+        length, page_size, infolen = _BLOCK.unpack_from(mv, pos + 1 + idlen)
+        if infolen > MAX_BLOCK_INFO:
+            raise RecordError(f"block list at stream offset {offset}: block info too large", offset)
+        pos += 1 + idlen + _BLOCK.size
+        if len(mv) < pos + infolen:
+            return None
+        try:
+            bid = raw_id.decode()
+            info = json.loads(bytes(mv[pos : pos + infolen])) if infolen else {}
+        except ValueError:
+            raise RecordError(f"block list at stream offset {offset}: block id or info is not valid", offset) from None
+        pos += infolen
+        blocks.append(BlockInfo(bid, length, page_size, info))
+    return ParsedRecord(Flag.MEM_SIZE, pos, blocks=blocks)
