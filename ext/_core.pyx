@@ -807,6 +807,10 @@ cdef class Applier:
         self._keep = keep
         self.current = -1
 
+    def release(self):
+        """Drop the block buffers (so an mmap behind them can be closed)."""
+        self.set_blocks([])
+
     def forget_current(self):
         """Require the next page record to name its block."""
         self.current = -1

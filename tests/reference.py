@@ -5,6 +5,9 @@ decoder that validates every rule before touching the page.
 """
 from __future__ import annotations
 
+import operator
+import re
+
 from migrated.errors import DecodeError
 
 
@@ -15,19 +18,13 @@ def uleb(value: int) -> bytes:
 
 def canonical_encode(old: bytes, new: bytes) -> bytes:
     """The straightforward encoding: every zero run becomes its own pair."""
+    xor = bytes(map(operator.xor, old, new))
     out = bytearray()
-    i, n = 0, len(new)
-    while i < n:
-        start = i
-        while i < n and old[i] == new[i]:
-            i += 1
-        if i == n:
-            break
-        zrun = i - start
-        start = i
-        while i < n and old[i] != new[i]:
-            i += 1
-        out += uleb(zrun) + uleb(i - start) + new[start:i]
+    pos = 0
+    for run in re.finditer(rb"[^\x00]+", xor):
+        start, end = run.span()
+        out += uleb(start - pos) + uleb(end - start) + new[start:end]
+        pos = end
     return bytes(out)
 
 

@@ -1,0 +1,347 @@
+"""Page records: golden bytes, batch encode -> apply round trips under a
+concurrent writer, chunked feeding, malformed records, and the dirty scan."""
+from __future__ import annotations
+
+import mmap
+import random
+import struct
+import threading
+import time
+
+import pytest
+
+from migrated import records
+from migrated.cache import PageCache, page_key
+from migrated.errors import ProtocolError, RecordError
+from migrated.records import Applier, BlockInfo, Control, Flag, encode_batch, page_numbers
+
+PS = 4096
+
+
+def be64(v: int) -> bytes:
+    return struct.pack(">Q", v)
+
+
+# -- golden vectors: a format change breaks these on purpose -------------------
+
+
+def test_golden_zero_page_and_xbzrle_records():
+    block = bytearray(3 * PS)
+    block[PS:] = b"\x07" * (2 * PS)  # page 1 and 2 all 0x07, page 0 zeros
+    cache = PageCache(16 * PS)
+    data, st = encode_batch(cache, 0, b"ram", block, page_numbers([0, 1, 2]))
+    assert bytes(data) == (
+        be64(0 | 0x02) + b"\x03ram" + b"\x00"
+        + be64(PS | 0x02 | 0x20) + b"\x07"
+        + be64(2 * PS | 0x02 | 0x20) + b"\x07"
+    )
+    assert st.zero_pages == 3 and st.record_bytes == len(data)
+
+    # page 1 gets a real page; first a miss (PAGE), then a delta (XBZRLE)
+    block[PS : 2 * PS] = bytes(range(256)) * 16
+    data, st = encode_batch(cache, 0, b"ram", block, page_numbers([1]))
+    assert bytes(data[:12]) == be64(PS | 0x08) + b"\x03ram"
+    assert len(data) == 8 + 4 + PS
+    assert st.normal_pages == 1
+    block[PS + 10] = 0xEE
+    data, st = encode_batch(cache, 0, b"ram", block, page_numbers([1]))
+    assert bytes(data) == be64(PS | 0x40) + b"\x03ram" + b"\x01\x00\x03" + b"\x0a\x01\xee"
+    assert st.xbzrle_pages == 1 and st.xbzrle_bytes == 6
+
+
+def test_golden_non_page_records():
+    assert records.frame_eos(7) == be64(0x10) + b"\x00\x00\x00\x07"
+    assert records.frame_mem_size([BlockInfo("ram", 12288, 4096)]) == (
+        be64(0x04) + b"\x00\x00\x00\x01" + b"\x03ram" + be64(12288) + b"\x00\x00\x10\x00" + b"\x00\x00"
+    )
+    assert records.frame_control(Control.ACK, {"pass": 1}) == (
+        be64(0x80) + b"\x03" + b"\x00\x00\x00\x0a" + b'{"pass":1}'
+    )
+
+
+def test_flag_values_are_qemus():
+    assert (Flag.ZERO, Flag.MEM_SIZE, Flag.PAGE, Flag.EOS, Flag.CONTINUE, Flag.XBZRLE) == (
+        0x02, 0x04, 0x08, 0x10, 0x20, 0x40,
+    )
+
+
+def test_non_page_records_parse_whole_and_byte_by_byte():
+    blocks = [BlockInfo("ram", 3 * PS + 5, PS, {"start": "0x1000"}), BlockInfo("b2", PS, PS)]
+    stream = (
+        records.frame_mem_size(blocks)
+        + records.frame_eos(3)
+        + records.frame_control(Control.COMPLETE, {"digest": "ab"})
+    )
+    parsed = []
+    pos = 0
+    buf = b""
+    for i in range(len(stream)):  # one byte at a time
+        buf += stream[i : i + 1]
+        while (rec := records.parse_record(buf, pos)) is not None:
+            parsed.append(rec)
+            buf = buf[rec.size :]
+            pos += rec.size
+    assert buf == b""
+    assert parsed[0].blocks == blocks and parsed[0].blocks[0].info == {"start": "0x1000"}
+    assert parsed[1].pass_number == 3
+    assert parsed[2].control is Control.COMPLETE and parsed[2].payload == {"digest": "ab"}
+
+
+def test_non_page_record_limits_checked_at_the_header():
+    huge = be64(0x80) + b"\x01" + struct.pack(">I", 1 << 30)
+    with pytest.raises(ProtocolError, match="declares"):
+        records.parse_record(huge, 0)
+    with pytest.raises(ProtocolError, match="unknown control"):
+        records.parse_record(be64(0x80) + b"\x63" + struct.pack(">I", 0), 0)
+    with pytest.raises(RecordError, match="declares"):
+        records.parse_record(be64(0x04) + struct.pack(">I", 10**9), 0)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        records.parse_record(be64(0x80) + b"\x01" + struct.pack(">I", 3) + b"{{{", 0)
+
+
+# -- round trips -------------------------------------------------------------------
+
+
+class Receiver:
+    def __init__(self, blocks):
+        self.targets = {bid: bytearray(len(buf) + (-len(buf)) % PS) for bid, buf in blocks.items()}
+        self.applier = Applier(PS)
+        self.applier.set_blocks([(bid, t) for bid, t in self.targets.items()])
+
+    def feed(self, data, chunk=None):
+        buf = bytearray()
+        view = memoryview(data)
+        step = chunk or len(view) or 1
+        for i in range(0, len(view), step):
+            buf += view[i : i + step]
+            consumed, reason = self.applier.apply(buf)
+            assert reason == records.NEED_DATA
+            del buf[:consumed]
+        assert not buf
+
+
+def send_pass(cache, blocks, hashes, first, chunk=None, receiver=None, **kw):
+    total = records.BatchStats()
+    for index, (bid, buf) in enumerate(blocks.items()):
+        if first:
+            pages = page_numbers(range(records.page_count(len(buf), PS)))
+        else:
+            pages = records.scan(buf, hashes[bid], PS)
+        data, st = encode_batch(cache, index, bid, buf, pages, first_pass=first, hashes=hashes[bid], **kw)
+        receiver.feed(data, chunk)
+        total += st
+    return total
+
+
+def test_round_trip_with_concurrent_writer():
+    """Many mutation rounds while a thread writes; final pass with the writer
+    stopped reproduces the source exactly; the cache always equals the receiver."""
+    rng = random.Random(11)
+    blocks = {b"a": bytearray(rng.randbytes(64 * PS)), b"tail": bytearray(10 * PS + 123)}
+    hashes = {bid: records.page_hashes(bytes(len(b)), PS) for bid, b in blocks.items()}
+    cache = PageCache(128 * PS)
+    rx = Receiver(blocks)
+    stop = threading.Event()
+
+    def writer():
+        wr = random.Random(12)
+        while not stop.is_set():
+            for _ in range(50):
+                b = blocks[wr.choice([b"a", b"tail"])]
+                i = wr.randrange(len(b))
+                b[i] = wr.randrange(256)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        send_pass(cache, blocks, hashes, True, receiver=rx)
+        xbz = 0
+        for _ in range(30):
+            time.sleep(0.002)  # let the writer dirty pages between passes
+            xbz += send_pass(cache, blocks, hashes, False, receiver=rx).xbzrle_pages
+    finally:
+        stop.set()
+        t.join()
+    send_pass(cache, blocks, hashes, False, receiver=rx)
+    for bid, buf in blocks.items():
+        assert rx.targets[bid][: len(buf)] == buf
+    assert xbz > 0
+    # the cache holds exactly what the receiver holds
+    for index, bid in enumerate(blocks):
+        for p in range(records.page_count(len(blocks[bid]), PS)):
+            key = page_key(index, p)
+            if key in cache:
+                assert cache.get(key) == bytes(rx.targets[bid][p * PS : (p + 1) * PS])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 4105, 100_000])
+def test_round_trip_any_chunking(chunk):
+    rng = random.Random(chunk)
+    src = bytearray(rng.randbytes(12 * PS))
+    src[3 * PS : 5 * PS] = bytes(2 * PS)
+    blocks = {b"blk": src}
+    hashes = {b"blk": records.page_hashes(bytes(len(src)), PS)}
+    cache = PageCache(64 * PS)
+    rx = Receiver(blocks)
+    send_pass(cache, blocks, hashes, True, chunk=chunk, receiver=rx)
+    for rnd in range(3):
+        for p in range(0, 12, 2):
+            src[p * PS + rnd * 11] ^= 0x5A
+        st = send_pass(cache, blocks, hashes, False, chunk=chunk, receiver=rx)
+        assert st.xbzrle_pages == 6
+    assert rx.targets[b"blk"] == src
+
+
+def test_xbzrle_off_sends_raw_and_drops_stale_cache_entries():
+    src = bytearray(4 * PS)
+    src[:] = bytes(range(256)) * 64
+    cache = PageCache(16 * PS)
+    blocks = {b"b": src}
+    hashes = {b"b": records.page_hashes(bytes(len(src)), PS)}
+    rx = Receiver(blocks)
+    send_pass(cache, blocks, hashes, True, receiver=rx)
+    assert cache.pages == 4  # seeded in the first pass
+    src[5] ^= 1
+    st = send_pass(cache, blocks, hashes, False, receiver=rx, xbzrle=False)
+    assert st.normal_pages == 1 and st.xbzrle_pages == 0 and st.cache_lookups == 0
+    assert cache.pages == 3  # the page sent raw left the cache
+    src[5] ^= 2
+    st = send_pass(cache, blocks, hashes, False, receiver=rx)
+    assert st.cache_miss == 1 and st.normal_pages == 1
+    assert rx.targets[b"b"] == src
+
+
+def test_first_pass_without_seeding_leaves_cache_empty():
+    src = bytearray(random.Random(1).randbytes(4 * PS))
+    cache = PageCache(16 * PS)
+    encode_batch(cache, 0, b"b", src, page_numbers(range(4)), first_pass=True, seed_cache=False)
+    assert len(cache) == 0
+
+
+def test_unchanged_page_on_hit_is_skipped():
+    src = bytearray(random.Random(1).randbytes(2 * PS))
+    cache = PageCache(16 * PS)
+    encode_batch(cache, 0, b"b", src, page_numbers([0, 1]), first_pass=True)
+    data, st = encode_batch(cache, 0, b"b", src, page_numbers([0, 1]))
+    assert data == b"" and st.unchanged == 2
+
+
+def test_overflow_goes_raw_and_counts():
+    src = bytearray(PS)
+    src[:] = b"\x01" * PS
+    src[0] = 0
+    cache = PageCache(16 * PS)
+    encode_batch(cache, 0, b"b", src, page_numbers([0]), first_pass=True)
+    for i in range(0, PS, 2):
+        src[i] ^= 0xFF
+    data, st = encode_batch(cache, 0, b"b", src, page_numbers([0]))
+    assert st.overflow == 1 and st.normal_pages == 1 and len(data) == 8 + 2 + PS
+
+
+def test_applies_into_mmap_targets():
+    src = bytearray(random.Random(2).randbytes(8 * PS))
+    cache = PageCache(0)
+    data, _ = encode_batch(cache, 0, b"m", src, page_numbers(range(8)), first_pass=True)
+    with mmap.mmap(-1, 8 * PS) as m:
+        ap = Applier(PS)
+        ap.set_blocks([(b"m", m)])
+        assert ap.apply(data) == (len(data), records.NEED_DATA)
+        assert m[:] == src
+        assert ap.normal_pages == 8 and ap.position == len(data)
+        ap.release()
+
+
+def test_apply_stops_at_control_records():
+    src = bytearray(PS)
+    data, _ = encode_batch(PageCache(0), 0, b"b", src, page_numbers([0]), first_pass=True)
+    stream = bytes(data) + records.frame_eos(0) + bytes(data)
+    ap = Applier(PS)
+    ap.set_blocks([(b"b", bytearray(PS))])
+    consumed, reason = ap.apply(stream)
+    assert (consumed, reason) == (len(data), records.AT_CONTROL)
+
+
+def test_encode_batch_rejects_pages_outside_the_block():
+    with pytest.raises(ValueError, match="outside the block"):
+        encode_batch(PageCache(0), 0, b"b", bytearray(2 * PS), page_numbers([2]))
+
+
+# -- malformed records -------------------------------------------------------------
+
+
+def page_record(offset, flags, body, bid=b"b"):
+    hdr = be64(offset | flags)
+    return hdr + (b"" if flags & 0x20 else bytes([len(bid)]) + bid) + body
+
+
+MALFORMED = [
+    (page_record(0, 0x08 | 0x01, b"x" * PS), "unknown flag bits"),
+    (page_record(0, 0x08 | 0x100, b"x" * PS), "unknown flag bits"),
+    (page_record(0, 0x08 | 0x02, b"x" * PS), "invalid combination"),
+    (page_record(0, 0x08 | 0x40, b"x" * PS), "invalid combination"),
+    (page_record(0, 0x10 | 0x20, b""), "invalid combination"),
+    (be64(0x08 | 0x20) + b"x" * PS, "CONTINUE record with no block"),
+    (be64(0x08) + b"\x00" + b"x" * PS, "empty block id"),
+    (page_record(0, 0x08, b"x" * PS, bid=b"nope"), "unknown block id"),
+    (page_record(512, 0x08, b"x" * PS), "not page-aligned"),
+    (page_record(2 * PS, 0x08, b"x" * PS), "past the end of the block"),
+    (page_record(1 << 60, 0x02, b"\x00"), "past the end of the block"),
+    (page_record(0, 0x40, b"\x02\x00\x03\x00\x01\x01"), "unknown XBZRLE encoding"),
+    (page_record(0, 0x40, b"\x01\x00\x00"), "XBZRLE length is 0"),
+    (page_record(0, 0x40, b"\x01\x10\x01" + b"\x00" * 4097), "larger than a page"),
+    (page_record(0, 0x40, b"\x01\x00\x02\x05\x00"), "non-zero run of length 0"),
+    (page_record(0, 0x40, b"\x01\x00\x03\x80\x20\x01"), "past the end of the page"),
+]
+
+
+@pytest.mark.parametrize("bad, message", MALFORMED)
+def test_malformed_record_rejected_with_stream_offset(bad, message):
+    good, _ = encode_batch(PageCache(0), 0, b"b", bytearray(b"\x09" * 2 * PS), page_numbers([0]), first_pass=True)
+    target = bytearray(b"\x33" * 2 * PS)
+    ap = Applier(PS)
+    ap.set_blocks([(b"b", target)])
+    if "CONTINUE" in message:
+        assert ap.apply(good) == (len(good), records.NEED_DATA)
+        ap.forget_current()  # as after a block list: the next record must name its block
+        stream = bad
+    else:
+        stream = bytes(good) + bad
+    with pytest.raises(RecordError, match=message) as info:
+        ap.apply(stream)
+    assert info.value.offset == len(good)
+    assert f"stream offset {len(good)}" in str(info.value)
+    # the good record was applied; the bad one wrote nothing
+    assert target[:PS] == b"\x09" * PS
+    assert target[PS:] == b"\x33" * PS
+
+
+def test_truncated_record_waits_for_more_data():
+    rec = page_record(0, 0x08, b"y" * PS)
+    ap = Applier(PS)
+    target = bytearray(PS)
+    ap.set_blocks([(b"b", target)])
+    for cut in (0, 5, 8, 9, 10, 100, len(rec) - 1):
+        assert ap.apply(rec[:cut]) == (0, records.NEED_DATA)
+    assert target == bytearray(PS)
+    assert ap.apply(rec) == (len(rec), records.NEED_DATA)
+
+
+# -- scan ----------------------------------------------------------------------------
+
+
+def test_scan_finds_exactly_the_changed_pages():
+    rng = random.Random(4)
+    buf = bytearray(rng.randbytes(100 * PS + 17))
+    hashes = records.page_hashes(buf, PS)
+    assert len(hashes) == 101
+    assert list(records.scan(buf, hashes, PS)) == []
+    changed = sorted(rng.sample(range(101), 20))
+    for p in changed:
+        buf[min(p * PS + rng.randrange(PS), len(buf) - 1)] ^= 0x80
+    assert list(records.scan(buf, hashes, PS)) == changed
+    assert list(records.scan(buf, hashes, PS)) == []  # the array was updated
+
+
+def test_scan_rejects_short_hash_array():
+    with pytest.raises(ValueError, match="hash array"):
+        records.scan(bytearray(4 * PS), records.page_hashes(bytearray(2 * PS), PS), PS)
