@@ -55,7 +55,7 @@ static inline uint64_t xb_nonzero_bytes(uint64_t x)
     return ((y >> 7) * 0x0102040810204080ULL) >> 56;
 }
 
-static uint64_t xb_diffmap_generic(const uint8_t *a, const uint8_t *b,
+static inline __attribute__((always_inline)) uint64_t xb_diffmap_generic(const uint8_t *a, const uint8_t *b,
                                    size_t n, uint64_t *map)
 {
     uint64_t any = 0;
@@ -73,7 +73,7 @@ static uint64_t xb_diffmap_generic(const uint8_t *a, const uint8_t *b,
 }
 
 #ifdef XB_X86
-__attribute__((target("avx2"))) static uint64_t
+__attribute__((target("avx2,popcnt,bmi,bmi2"), always_inline)) static inline uint64_t
 xb_diffmap_avx2(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
 {
     uint64_t any = 0;
@@ -91,7 +91,7 @@ xb_diffmap_avx2(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
     return any;
 }
 
-__attribute__((target("avx512f,avx512bw"))) static uint64_t
+__attribute__((target("avx512f,avx512bw,avx2,popcnt,bmi,bmi2"), always_inline)) static inline uint64_t
 xb_diffmap_avx512(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
 {
     uint64_t any = 0;
@@ -105,57 +105,6 @@ xb_diffmap_avx512(const uint8_t *a, const uint8_t *b, size_t n, uint64_t *map)
     return any;
 }
 #endif
-
-typedef uint64_t (*xb_diffmap_fn)(const uint8_t *, const uint8_t *, size_t,
-                                  uint64_t *);
-
-/* Kernel selection: 0 generic, 1 avx2, 2 avx512bw. */
-static xb_diffmap_fn xb_diffmap = xb_diffmap_generic;
-static int xb_kernel_id = 0;
-
-static int xb_kernel_supported(int id)
-{
-    if (id == 0)
-        return 1;
-#ifdef XB_X86
-    __builtin_cpu_init();
-    if (id == 1)
-        return __builtin_cpu_supports("avx2");
-    if (id == 2)
-        return __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512f");
-#endif
-    return 0;
-}
-
-static int xb_set_kernel(int id)
-{
-    if (!xb_kernel_supported(id))
-        return -1;
-#ifdef XB_X86
-    if (id == 1) {
-        xb_diffmap = xb_diffmap_avx2;
-        xb_kernel_id = 1;
-        return 0;
-    }
-    if (id == 2) {
-        xb_diffmap = xb_diffmap_avx512;
-        xb_kernel_id = 2;
-        return 0;
-    }
-#endif
-    xb_diffmap = xb_diffmap_generic;
-    xb_kernel_id = 0;
-    return 0;
-}
-
-static int xb_best_kernel(void)
-{
-    for (int id = 2; id > 0; id--)
-        if (xb_kernel_supported(id))
-            return id;
-    return 0;
-}
 
 /* ------------------------------------------------------------------ */
 /* Encoder                                                             */
@@ -175,7 +124,7 @@ static inline size_t xb_put_uleb(uint8_t *p, size_t v)
 }
 
 /* first set bit at or after pos, or nbits */
-static inline size_t xb_next_set(const uint64_t *map, size_t nw, size_t pos)
+static inline __attribute__((always_inline)) size_t xb_next_set(const uint64_t *map, size_t nw, size_t pos)
 {
     size_t w = pos >> 6;
     if (w >= nw)
@@ -190,7 +139,7 @@ static inline size_t xb_next_set(const uint64_t *map, size_t nw, size_t pos)
 }
 
 /* first clear bit at or after pos, or nbits */
-static inline size_t xb_next_clear(const uint64_t *map, size_t nw, size_t pos)
+static inline __attribute__((always_inline)) size_t xb_next_clear(const uint64_t *map, size_t nw, size_t pos)
 {
     size_t w = pos >> 6;
     if (w >= nw)
@@ -216,13 +165,89 @@ static inline size_t xb_next_clear(const uint64_t *map, size_t nw, size_t pos)
  * in one. With these two rules the output is never longer than the
  * canonical encoding (see docs/format.md for the argument).
  */
-static ptrdiff_t xb_encode(const uint8_t *old, const uint8_t *new_, size_t n,
-                           uint8_t *out, size_t limit)
+static inline __attribute__((always_inline)) size_t xb_ctz(uint64_t t)
+{
+    return t ? (size_t)__builtin_ctzll(t) : 64;
+}
+
+/*
+ * Fast emitter for pages with many runs. map has 1-byte gaps folded; here
+ * 2-byte gaps are folded too (on the fly), run boundaries are extracted with
+ * count-trailing-zeros, and pairs are emitted with few data-dependent
+ * branches. Joining across 2-byte gaps is never longer than canonical while
+ * every joined run stays under 128 bytes; when a run reaches 128 this
+ * returns -2 and the caller takes the exact path. -1: overflow.
+ */
+static inline __attribute__((always_inline)) ptrdiff_t
+xb_emit_fast(const uint64_t *map, size_t nw, const uint8_t *new_, size_t n,
+             uint8_t *out, size_t limit)
+{
+    uint16_t bnd[XB_MAX_PAGE + 72];
+    size_t k = 0;
+    uint64_t p1 = 0, p2 = 0; /* previous 1-folded word, previous 2-folded */
+    for (size_t w = 0; w < nw; w++) {
+        uint64_t m = map[w];
+        uint64_t nx = (w + 1 < nw) ? map[w + 1] : 0;
+        /* bit i of l1/l2: byte i-1/i-2 changed; r1/r2: byte i+1/i+2 */
+        uint64_t l1 = (m << 1) | (p1 >> 63), l2 = (m << 2) | (p1 >> 62);
+        uint64_t r1 = (m >> 1) | (nx << 63), r2 = (m >> 2) | (nx << 62);
+        uint64_t m2 = m | (l1 & r2) | (l2 & r1);
+        uint64_t t = m2 ^ ((m2 << 1) | (p2 >> 63));
+        p1 = m;
+        p2 = m2;
+        if (!t)
+            continue;
+        size_t cnt = (size_t)__builtin_popcountll(t);
+        uint16_t base = (uint16_t)(w << 6);
+        uint16_t *dst = bnd + k;
+        for (int j = 0; j < 8; j++) {
+            dst[j] = (uint16_t)(base + xb_ctz(t));
+            t &= t - 1;
+        }
+        for (size_t j = 8; j < cnt; j++) {
+            dst[j] = (uint16_t)(base + xb_ctz(t));
+            t &= t - 1;
+        }
+        k += cnt;
+    }
+    if (p2 >> 63)
+        bnd[k++] = (uint16_t)n; /* the last run reaches the end of the page */
+
+    size_t d = 0, pos = 0, big = 0;
+    for (size_t r = 0; r < k; r += 2) {
+        size_t s = bnd[r], e = bnd[r + 1];
+        size_t z = s - pos, len = e - s;
+        big |= len >> 7;
+        if (d + 4 + len > limit &&
+            d + xb_uleb_size(z) + xb_uleb_size(len) + len > limit)
+            return big ? -2 : -1;
+        d += xb_put_uleb(out + d, z);
+        out[d] = (uint8_t)len; /* len < 128 unless big, checked below */
+        if (len >= 128)
+            return -2;
+        d += 1;
+        if (len <= 32 && d + 32 <= limit && s + 32 <= n) {
+            memcpy(out + d, new_ + s, 32);
+        } else {
+            memcpy(out + d, new_ + s, len);
+        }
+        d += len;
+        pos = e;
+    }
+    return (ptrdiff_t)d;
+}
+
+typedef uint64_t (*xb_diffmap_fn)(const uint8_t *, const uint8_t *, size_t,
+                                  uint64_t *);
+
+static inline __attribute__((always_inline)) ptrdiff_t
+xb_encode_body(const uint8_t *old, const uint8_t *new_, size_t n, uint8_t *out,
+               size_t limit, xb_diffmap_fn diffmap)
 {
     uint64_t map[XB_MAX_PAGE / 64];
     size_t nw = n >> 6;
 
-    if (!xb_diffmap(old, new_, n, map))
+    if (!diffmap(old, new_, n, map))
         return 0;
 
     /* fold 1-byte gaps; count changed bytes and runs for a lower bound */
@@ -230,6 +255,11 @@ static ptrdiff_t xb_encode(const uint8_t *old, const uint8_t *new_, size_t n,
     uint64_t prev_raw = 0, prev_folded = 0;
     for (size_t w = 0; w < nw; w++) {
         uint64_t m = map[w];
+        if (!m) {
+            /* an unchanged word stays unchanged: a gap needs changes on both sides */
+            prev_raw = prev_folded = 0;
+            continue;
+        }
         uint64_t next = (w + 1 < nw) ? map[w + 1] : 0;
         uint64_t left = (m << 1) | (prev_raw >> 63);  /* bit i: byte i-1 */
         uint64_t right = (m >> 1) | (next << 63);     /* bit i: byte i+1 */
@@ -244,6 +274,12 @@ static ptrdiff_t xb_encode(const uint8_t *old, const uint8_t *new_, size_t n,
     /* every changed byte is sent, every pair costs at least 2 header bytes */
     if (changed + 2 * runs > limit)
         return -1;
+
+    if (runs > 8) {
+        ptrdiff_t r = xb_emit_fast(map, nw, new_, n, out, limit);
+        if (r != -2)
+            return r;
+    }
 
     size_t d = 0, pos = 0;
     size_t start = xb_next_set(map, nw, 0);
@@ -279,6 +315,81 @@ static ptrdiff_t xb_encode(const uint8_t *old, const uint8_t *new_, size_t n,
         start = xb_next_set(map, nw, end);
     }
     return (ptrdiff_t)d;
+}
+
+static ptrdiff_t xb_encode_generic(const uint8_t *old, const uint8_t *new_,
+                                   size_t n, uint8_t *out, size_t limit)
+{
+    return xb_encode_body(old, new_, n, out, limit, xb_diffmap_generic);
+}
+
+#ifdef XB_X86
+__attribute__((target("avx2,popcnt,bmi,bmi2"))) static ptrdiff_t
+xb_encode_avx2(const uint8_t *old, const uint8_t *new_, size_t n, uint8_t *out,
+               size_t limit)
+{
+    return xb_encode_body(old, new_, n, out, limit, xb_diffmap_avx2);
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,popcnt,bmi,bmi2"))) static ptrdiff_t
+xb_encode_avx512(const uint8_t *old, const uint8_t *new_, size_t n,
+                 uint8_t *out, size_t limit)
+{
+    return xb_encode_body(old, new_, n, out, limit, xb_diffmap_avx512);
+}
+#endif
+
+typedef ptrdiff_t (*xb_encode_fn)(const uint8_t *, const uint8_t *, size_t,
+                                  uint8_t *, size_t);
+
+/* Kernel selection: 0 generic, 1 avx2, 2 avx512bw. */
+static xb_encode_fn xb_encode = xb_encode_generic;
+static int xb_kernel_id = 0;
+
+static int xb_kernel_supported(int id)
+{
+    if (id == 0)
+        return 1;
+#ifdef XB_X86
+    __builtin_cpu_init();
+    int base = __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi") &&
+               __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2");
+    if (id == 1)
+        return base;
+    if (id == 2)
+        return base && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512f");
+#endif
+    return 0;
+}
+
+static int xb_set_kernel(int id)
+{
+    if (!xb_kernel_supported(id))
+        return -1;
+#ifdef XB_X86
+    if (id == 1) {
+        xb_encode = xb_encode_avx2;
+        xb_kernel_id = 1;
+        return 0;
+    }
+    if (id == 2) {
+        xb_encode = xb_encode_avx512;
+        xb_kernel_id = 2;
+        return 0;
+    }
+#endif
+    xb_encode = xb_encode_generic;
+    xb_kernel_id = 0;
+    return 0;
+}
+
+static int xb_best_kernel(void)
+{
+    for (int id = 2; id > 0; id--)
+        if (xb_kernel_supported(id))
+            return id;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */
