@@ -165,6 +165,20 @@ static inline __attribute__((always_inline)) size_t xb_next_clear(const uint64_t
  * in one. With these two rules the output is never longer than the
  * canonical encoding (see docs/format.md for the argument).
  */
+/* Copy a run of len new bytes. A short run is copied as one fixed 32-byte
+ * move when both sides have the room (out_room bytes writable, src_room
+ * readable); the excess is overwritten later or lies past the returned
+ * length. */
+static inline __attribute__((always_inline)) void
+xb_copy_run(uint8_t *dst, const uint8_t *src, size_t len, size_t out_room,
+            size_t src_room)
+{
+    if (len <= 32 && out_room >= 32 && src_room >= 32)
+        memcpy(dst, src, 32);
+    else
+        memcpy(dst, src, len);
+}
+
 static inline __attribute__((always_inline)) size_t xb_ctz(uint64_t t)
 {
     return t ? (size_t)__builtin_ctzll(t) : 64;
@@ -213,24 +227,17 @@ xb_emit_fast(const uint64_t *map, size_t nw, const uint8_t *new_, size_t n,
     if (p2 >> 63)
         bnd[k++] = (uint16_t)n; /* the last run reaches the end of the page */
 
-    size_t d = 0, pos = 0, big = 0;
+    size_t d = 0, pos = 0;
     for (size_t r = 0; r < k; r += 2) {
         size_t s = bnd[r], e = bnd[r + 1];
         size_t z = s - pos, len = e - s;
-        big |= len >> 7;
-        if (d + 4 + len > limit &&
-            d + xb_uleb_size(z) + xb_uleb_size(len) + len > limit)
-            return big ? -2 : -1;
-        d += xb_put_uleb(out + d, z);
-        out[d] = (uint8_t)len; /* len < 128 unless big, checked below */
         if (len >= 128)
-            return -2;
-        d += 1;
-        if (len <= 32 && d + 32 <= limit && s + 32 <= n) {
-            memcpy(out + d, new_ + s, 32);
-        } else {
-            memcpy(out + d, new_ + s, len);
-        }
+            return -2; /* 2-byte gaps may have been joined past 128 */
+        if (d + xb_uleb_size(z) + 1 + len > limit)
+            return -1;
+        d += xb_put_uleb(out + d, z);
+        out[d++] = (uint8_t)len;
+        xb_copy_run(out + d, new_ + s, len, limit - d, n - s);
         d += len;
         pos = e;
     }
@@ -303,13 +310,7 @@ xb_encode_body(const uint8_t *old, const uint8_t *new_, size_t n, uint8_t *out,
             return -1;
         d += xb_put_uleb(out + d, zrun);
         d += xb_put_uleb(out + d, len);
-        if (len <= 16 && d + 16 <= limit && start + 16 <= n) {
-            /* short run: one fixed 16-byte copy, the excess is overwritten
-             * or lies past the returned length */
-            memcpy(out + d, new_ + start, 16);
-        } else {
-            memcpy(out + d, new_ + start, len);
-        }
+        xb_copy_run(out + d, new_ + start, len, limit - d, n - start);
         d += len;
         pos = end;
         start = xb_next_set(map, nw, end);

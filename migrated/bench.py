@@ -114,12 +114,6 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
         lengths = _core.encode_pages(old, new, out, PAGE)
         overflow = sum(1 for n in lengths if n < 0)
         encoded = sum(n for n in lengths if n > 0)
-        target = bytearray(size)
-        dec_s = _best(
-            lambda: _core.decode_pages(out, lengths, target, PAGE),
-            repeat,
-            setup=lambda: _core.ceiling_memcpy(target, old, PAGE),
-        )
         rows.append(
             {
                 "op": "encode",
@@ -130,9 +124,17 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
                 "encoded_bytes_per_page": encoded / max(1, len(lengths) - overflow),
             }
         )
-        rows.append({"op": "decode", "workload": wl.name, "mbps": mbps(dec_s)})
+        if encoded:  # a workload with no deltas has nothing to decode
+            target = bytearray(size)
+            dec_s = _best(
+                lambda: _core.decode_pages(out, lengths, target, PAGE),
+                repeat,
+                setup=lambda: _core.ceiling_memcpy(target, old, PAGE),
+            )
+            rows.append({"op": "decode", "workload": wl.name, "mbps": mbps(dec_s)})
+            del target
         note(f"encode {wl.name}: {mbps(enc_s):.0f} MB/s")
-        del old, new, target
+        del old, new
 
     # batch encode and apply on the seed workload, with cache and framing
     old, new = build(size, WORKLOADS[1])
