@@ -216,6 +216,80 @@ def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
 
 
 # ---------------------------------------------------------------------------
+# Page lists: building, merging and reading /proc/PID/pagemap entries
+# ---------------------------------------------------------------------------
+
+def page_range(uint64_t start, uint64_t stop):
+    """array('Q') of the page numbers start..stop-1."""
+    cdef Py_ssize_t n = <Py_ssize_t>(stop - start) if stop > start else 0, i
+    cdef array out = clone(array("Q"), n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            for i in range(n):
+                ov[i] = start + i
+    return out
+
+
+def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
+    """Union of two ascending page lists, ascending and without duplicates."""
+    cdef Py_ssize_t na = a.shape[0], nb = b.shape[0], i = 0, j = 0, n = 0
+    cdef array out = clone(array("Q"), na + nb, False)
+    cdef uint64_t[::1] ov = out
+    cdef uint64_t v
+    if na + nb:
+        with nogil:
+            while i < na or j < nb:
+                if j >= nb or (i < na and a[i] < b[j]):
+                    v = a[i]; i += 1
+                elif i >= na or b[j] < a[i]:
+                    v = b[j]; j += 1
+                else:
+                    v = a[i]; i += 1; j += 1
+                ov[n] = v
+                n += 1
+    resize(out, n)
+    return out
+
+
+def select_pages(const uint64_t[::1] entries, uint64_t mask):
+    """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set."""
+    cdef Py_ssize_t n = entries.shape[0], i, k = 0
+    cdef array out = clone(array("Q"), n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            for i in range(n):
+                if entries[i] & mask:
+                    ov[k] = i
+                    k += 1
+    resize(out, k)
+    return out
+
+
+def page_runs(const uint64_t[::1] pages):
+    """Runs of consecutive pages in an ascending list, as array('Q') of
+    (first, count) pairs, so I/O can be done per run rather than per page."""
+    cdef Py_ssize_t n = pages.shape[0], i, k = 0
+    cdef array out = clone(array("Q"), 2 * n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            ov[0] = pages[0]
+            ov[1] = 1
+            for i in range(1, n):
+                if pages[i] == ov[2 * k] + ov[2 * k + 1]:
+                    ov[2 * k + 1] += 1
+                else:
+                    k += 1
+                    ov[2 * k] = pages[i]
+                    ov[2 * k + 1] = 1
+            k += 1
+    resize(out, 2 * k)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # LRU page cache
 # ---------------------------------------------------------------------------
 
@@ -726,6 +800,7 @@ cdef enum:
     E_ENCODING = 8
     E_XLEN = 9
     E_DELTA = 10
+    E_NOT_NEGOTIATED = 11
 
 _RECORD_MESSAGES = {
     E_FLAGS: "unknown flag bits",
@@ -737,6 +812,7 @@ _RECORD_MESSAGES = {
     E_PAST_BLOCK: "page offset is past the end of the block",
     E_ENCODING: "unknown XBZRLE encoding byte",
     E_XLEN: "XBZRLE length is 0 or larger than a page",
+    E_NOT_NEGOTIATED: "XBZRLE record, but XBZRLE was not negotiated",
 }
 
 # stop reasons of Applier.apply
@@ -765,10 +841,12 @@ cdef class Applier:
     cdef Py_ssize_t *idlen
     cdef int current
     cdef public uint64_t zero_pages, normal_pages, xbzrle_pages, xbzrle_bytes
+    cdef public bint allow_xbzrle
 
     def __cinit__(self, Py_ssize_t page_size=4096):
         _check_page_size(page_size)
         self.page_size = page_size
+        self.allow_xbzrle = True
         self.current = -1
         self._keep = []
 
@@ -853,6 +931,9 @@ cdef class Applier:
                     break
                 if kind != F_ZERO and kind != F_PAGE and kind != F_XBZRLE:
                     err = E_KIND
+                    break
+                if kind == F_XBZRLE and not self.allow_xbzrle:
+                    err = E_NOT_NEGOTIATED
                     break
                 i += 8
                 blk = self.current

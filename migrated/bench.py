@@ -208,3 +208,37 @@ def format_core(result: dict) -> str:
             extra = f"{r['wire_bytes_per_page']:.1f} wire B/page"
         lines.append(f"{r['op']:<13} {r['workload']:<10} {r['mbps']:>8.0f} {r['ratio']:>9.2f} {target:>7}  {extra}{flag}")
     return "\n".join(lines)
+
+
+def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=None) -> dict:
+    """Every benchmark part named in ``parts`` (comma-separated)."""
+    wanted = {p.strip() for p in parts.split(",") if p.strip()}
+    unknown = wanted - {"core", "e2e", "experiment"}
+    if unknown:
+        raise ValueError(f"unknown bench parts: {sorted(unknown)}")
+    result: dict = {}
+    if "core" in wanted:
+        result["core"] = run_core(size_mib, repeat, progress=progress)
+    if "e2e" in wanted:
+        from migrated import bench_e2e
+
+        result["e2e"] = bench_e2e.run_e2e(progress=progress)
+    if "experiment" in wanted:
+        from migrated import bench_e2e
+
+        result["experiment"] = bench_e2e.run_experiment(progress=progress)
+    return result
+
+
+def format_all(result: dict) -> str:
+    out = []
+    if "core" in result:
+        out.append(format_core(result["core"]))
+    if "e2e" in result or "experiment" in result:
+        from migrated import bench_e2e
+
+        if "e2e" in result:
+            out.append(bench_e2e.format_e2e(result["e2e"]))
+        if "experiment" in result:
+            out.append(bench_e2e.format_experiment(result["experiment"]))
+    return "\n\n".join(out)

@@ -1,52 +1,358 @@
-"""Command line of migrated. Exit status: 0 success, 1 failure, 2 usage error."""
+"""Command line of migrated.
+
+Exit status, for scripts: 0 success (for ``send``: the receiver committed the
+image and confirmed its digest), 1 the migration or daemon failed (the last
+line on stderr says which side and why), 2 usage error, 3 cancelled by a
+signal (the source was resumed).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from migrated import __version__
+from migrated.units import duration_arg, size_arg
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
 
 
 def _bench(args: argparse.Namespace) -> int:
     from migrated import bench
 
+    if args.size < 1 or args.repeat < 1:
+        raise UsageError("--size and --repeat must be at least 1")
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    result = bench.run_core(args.size, args.repeat, progress=progress)
+    result = bench.run_all(args.size, args.repeat, parts=args.parts, progress=progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        print(bench.format_core(result))
-    return 0
+        print(bench.format_all(result))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# receive
+# ---------------------------------------------------------------------------
+
+
+def _receive(args: argparse.Namespace) -> int:
+    import trio
+
+    from migrated import log as logsetup
+    from migrated.receiver import Receiver, ReceiverConfig, parse_address
+    from migrated.store import StoreError
+
+    try:
+        host, port = parse_address(args.listen)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    logsetup.configure(args.log_format, args.log_level)
+    try:
+        receiver = Receiver(
+            ReceiverConfig(args.dir, not args.no_xbzrle, args.idle_timeout, args.shutdown_grace)
+        )
+    except StoreError as exc:
+        print(f"migrated: receive failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    async def main() -> int:
+        from migrated import systemd
+
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            print(f"migrated: receive failed: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILED
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals():
+                # first signal: stop accepting and drain; second: abort now
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        if receiver.stopping:
+                            nursery.cancel_scope.cancel()
+                        else:
+                            systemd.notify("STOPPING=1")
+                            receiver.shutdown()
+
+            async def serve(task_status=trio.TASK_STATUS_IGNORED):
+                await receiver.serve(listeners, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signals)
+            await nursery.start(serve)
+            systemd.notify("READY=1\nSTATUS=accepting migrations")
+        return EXIT_OK
+
+    return trio.run(main)
+
+
+# ---------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------
+
+
+def make_source(args: argparse.Namespace):
+    """The source named by ``--source`` (``file:PATH`` or ``pid:PID``)."""
+    kind, sep, rest = args.source.partition(":")
+    if not sep or not rest:
+        raise UsageError(f"--source {args.source!r}: use file:PATH or pid:PID")
+    if kind == "file":
+        if args.after != "stop" or args.dirty_tracking != "auto":
+            raise UsageError("--after and --dirty-tracking apply to --source pid:PID only")
+        from migrated.source import FileSource
+
+        return FileSource(rest, pause_pid=args.pause_pid)
+    if kind == "pid":
+        if not rest.isdigit():
+            raise UsageError(f"--source {args.source!r}: PID must be a number")
+        if args.pause_pid:
+            raise UsageError("--pause-pid applies to --source file:PATH; a pid source freezes the process itself")
+        from migrated.procmem import ProcessSource
+
+        return ProcessSource(int(rest), tracking=args.dirty_tracking, after=args.after)
+    raise UsageError(f"--source {args.source!r}: unknown kind {kind!r}; use file:PATH or pid:PID")
+
+
+def _send(args: argparse.Namespace) -> int:
+    import trio
+
+    from migrated import log as logsetup
+    from migrated.errors import MigrationError
+    from migrated.protocol import Failure
+    from migrated.receiver import parse_address
+    from migrated.sender import (
+        MigrationCancelled,
+        NetworkError,
+        SendConfig,
+        Sender,
+        error_side,
+        format_summary,
+    )
+
+    try:
+        host, port = parse_address(args.to)
+    except ValueError as exc:
+        raise UsageError(f"--to: {exc}") from None
+    if args.max_iterations < 1:
+        raise UsageError("--max-iterations must be at least 1")
+    if args.max_bandwidth is not None and args.max_bandwidth < 4096:
+        raise UsageError("--max-bandwidth must be at least 4K (bytes per second)")
+    source = make_source(args)
+    logsetup.configure(args.log_format, args.log_level)
+    config = SendConfig(
+        name=args.name,
+        cache_size=args.cache_size,
+        max_bandwidth=args.max_bandwidth,
+        downtime_limit=args.downtime_limit,
+        max_iterations=args.max_iterations,
+        xbzrle=not args.no_xbzrle,
+        timeout=args.timeout,
+    )
+
+    def report(summary: dict, exc: BaseException | None) -> None:
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(format_summary(summary))
+        if exc is not None:
+            side = summary.get("error", {}).get("side") or error_side(exc)
+            code = summary.get("error", {}).get("code") or getattr(exc, "code", "error")
+            print(f"migrated: send {summary['status']} ({side}): {code}: {exc}", file=sys.stderr)
+
+    async def main() -> int:
+        from migrated.store import check_name
+
+        try:
+            check_name(args.name)
+        except ValueError as exc:
+            print(f"migrated: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        sender = Sender(source, config)
+        cancelled = False
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal():
+                    nonlocal cancelled
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for _ in signals:
+                            cancelled = True
+                            scope.cancel()
+
+                nursery.start_soon(on_signal)
+                try:
+                    await trio.to_thread.run_sync(source.open)
+                    try:
+                        with trio.fail_after(args.timeout):
+                            stream = await trio.open_tcp_stream(host, port)
+                    except trio.TooSlowError:
+                        raise NetworkError(f"cannot connect to the receiver at {args.to}: timed out") from None
+                    except OSError as exc:
+                        why = exc.strerror or str(exc)
+                        raise NetworkError(f"cannot connect to the receiver at {args.to}: {why}") from None
+                    async with stream:
+                        try:
+                            summary = await sender.run(stream)
+                        finally:
+                            if scope.cancel_called:
+                                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                                    try:
+                                        await stream.send_all(
+                                            sender.conn.frame(Failure("cancelled", "the sender was cancelled"))
+                                        )
+                                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                        pass
+                    report(summary, None)
+                    return EXIT_OK
+                except MigrationError as exc:
+                    if sender.error is None:  # failed before the migration started
+                        sender.status = "failed"
+                        sender.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
+                    report(sender.summary(), exc)
+                    return EXIT_FAILED
+                finally:
+                    nursery.cancel_scope.cancel()
+                    source.close()
+        # only a signal gets here
+        assert cancelled
+        exc = MigrationCancelled("cancelled by a signal; the source was resumed")
+        sender.status = "cancelled"
+        sender.error = {"side": "sender", "code": exc.code, "message": str(exc)}
+        report(sender.summary(), exc)
+        return EXIT_CANCELLED
+
+    return trio.run(main)
+
+
+# ---------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------
+
+SEND_EPILOG = """\
+examples:
+  migrated send --source file:/var/lib/vm/ram.img --to dest:7700 --name vm1 --pause-pid 4242
+  migrated send --source pid:4242 --to 10.0.0.2:7700 --name worker --max-bandwidth 100M --json
+
+exit status: 0 committed and verified, 1 failed (stderr says which side and why),
+2 usage error, 3 cancelled by SIGINT/SIGTERM (the source is resumed)."""
+
+RECEIVE_EPILOG = """\
+example:
+  migrated receive --listen 0.0.0.0:7700 --dir /var/lib/migrated
+
+Each image is committed as DIR/NAME (a symlink to a complete version with a
+manifest.json and one file per block). SIGTERM stops accepting and gives
+running migrations --shutdown-grace to finish; a second signal aborts them."""
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    from migrated.log import FORMATS
+
+    p.add_argument("--log-format", choices=FORMATS, default="auto",
+                   help="console lines on a TTY, JSON lines otherwise (default auto)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="migrated",
-        description="Live memory migration over TCP with XBZRLE page deltas.",
+        description="Live memory migration over TCP with XBZRLE page deltas: `migrated receive` on the "
+        "destination, `migrated send` on the source.",
     )
     parser.add_argument("--version", action="version", version=f"migrated {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "send",
+        help="migrate a file image or a process's memory to a receiver",
+        description="Copy a memory image to a receiver while it keeps changing: pass 0 sends every page, "
+        "later passes only changed pages (as XBZRLE deltas against an LRU cache of last-sent pages), "
+        "until the rest fits in --downtime-limit; then the writer is frozen, the rest sent, and the "
+        "receiver verifies the digest and commits.",
+        epilog=SEND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--source", required=True, metavar="file:PATH|pid:PID",
+                   help="a file image (with --pause-pid for its writer) or a live process")
+    s.add_argument("--to", required=True, metavar="HOST:PORT", help="address of `migrated receive`")
+    s.add_argument("--name", required=True, help="image name on the receiver (letters, digits, . _ -)")
+    s.add_argument("--cache-size", type=size_arg, default=64 << 20, metavar="SIZE",
+                   help="XBZRLE cache of last-sent pages, K/M/G suffixes (default 64M)")
+    s.add_argument("--max-bandwidth", type=size_arg, default=None, metavar="RATE",
+                   help="cap on bytes per second written to the socket, K/M/G suffixes (default unlimited)")
+    s.add_argument("--downtime-limit", type=duration_arg, default=0.3, metavar="DURATION",
+                   help="longest acceptable final pass with the source frozen, ms or s (default 300ms)")
+    s.add_argument("--max-iterations", type=int, default=30, metavar="N",
+                   help="passes before the final pass is forced; then converged is false (default 30)")
+    s.add_argument("--no-xbzrle", action="store_true", help="send whole pages only")
+    s.add_argument("--pause-pid", type=int, metavar="PID",
+                   help="file source: the writer process, SIGSTOPped for the final pass and resumed after")
+    s.add_argument("--dirty-tracking", choices=("auto", "soft-dirty", "scan"), default="auto",
+                   help="pid source: kernel soft-dirty bits or a page hash scan (auto probes the kernel)")
+    s.add_argument("--after", choices=("stop", "kill", "resume"), default="stop",
+                   help="pid source: what happens to the process once the image is committed (default stop: "
+                   "left SIGSTOPped, since its memory now lives at the destination)")
+    s.add_argument("--timeout", type=duration_arg, default=60.0, metavar="DURATION",
+                   help="longest wait to connect and for each answer from the receiver (default 60s)")
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    _log_args(s)
+    s.set_defaults(func=_send)
+
+    r = sub.add_parser(
+        "receive",
+        help="serve migrations into an image directory",
+        description="Accept migrations over TCP and commit each verified image atomically under --dir.",
+        epilog=RECEIVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any free)")
+    r.add_argument("--dir", required=True, help="image directory (created if missing)")
+    r.add_argument("--no-xbzrle", action="store_true", help="accept whole pages only")
+    r.add_argument("--idle-timeout", type=duration_arg, default=60.0, metavar="DURATION",
+                   help="fail a migration whose sender sends nothing for this long (default 60s)")
+    r.add_argument("--shutdown-grace", type=duration_arg, default=30.0, metavar="DURATION",
+                   help="on SIGTERM, time running migrations get to finish (default 30s)")
+    _log_args(r)
+    r.set_defaults(func=_receive)
+
     b = sub.add_parser(
         "bench",
-        help="measure the data-plane core against memcmp/memcpy ceilings",
+        help="measure the core and end-to-end migration against ceilings measured in the same run",
         description=(
-            "Measure XBZRLE encode/decode, batch encode (cache + framing), batch apply and "
-            "the dirty scan over a working set larger than the CPU caches. Every figure is "
-            "MB/s of page data and a ratio to memcmp measured in the same run."
+            "Measure XBZRLE encode/decode, batch encode (cache + framing), batch apply and the dirty "
+            "scan against memcmp/memcpy, then end-to-end loopback migration against a raw socket copy, "
+            "then the original XBZRLE experiment at several bandwidths."
         ),
     )
-    b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    b.add_argument("--size", type=int, default=64, metavar="MIB", help="working set per buffer in MiB (default 64)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    b.add_argument("--size", type=int, default=64, metavar="MIB", help="core working set per buffer in MiB (default 64)")
     b.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions, best is kept (default 3)")
+    b.add_argument("--parts", default="core,e2e,experiment", help="comma-separated parts to run (default all)")
     b.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "size", 1) < 1 or getattr(args, "repeat", 1) < 1:
-        print("migrated: --size and --repeat must be at least 1", file=sys.stderr)
-        return 2
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"migrated: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED

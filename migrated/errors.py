@@ -7,6 +7,8 @@ remote errors and also ``ValueError``s, since they come from parsing bytes.
 """
 from __future__ import annotations
 
+import contextlib
+
 
 class MigrationError(Exception):
     """Root of every error migrated raises on purpose."""
@@ -59,3 +61,18 @@ class PeerError(RemoteError):
     def __init__(self, message: str, code: str = "peer"):
         super().__init__(message)
         self.code = code
+
+
+@contextlib.contextmanager
+def first_migration_error():
+    """Re-raise a nursery's ExceptionGroup as the first MigrationError in it
+    (one task failing cancels its siblings; the failure is what matters)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        match, _ = group.split(MigrationError)
+        if match is None:
+            raise
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        raise match from None

@@ -9,8 +9,10 @@ high bits and flags in the low 9 bits (QEMU's flag values).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import sys
 from array import array
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, IntFlag
@@ -50,6 +52,7 @@ _HEADER = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _CONTROL = struct.Struct(">QBI")
 _BLOCK = struct.Struct(">QIH")
+_DIGEST_BLOCK = struct.Struct("<HQ")
 
 
 class Control(IntEnum):
@@ -133,6 +136,31 @@ AT_CONTROL = _core.CONTROL
 scan = _core.scan
 page_hashes = _core.page_hashes
 page_count = _core.page_count
+page_range = _core.page_range
+merge_pages = _core.merge_pages
+page_runs = _core.page_runs
+select_pages = _core.select_pages
+
+
+def image_digest(blocks) -> str:
+    """Digest of an image from its per-page hashes.
+
+    ``blocks`` yields ``(id, length, hashes)`` in block-list order, where
+    ``hashes`` is the ``array('Q')`` of page hashes (as ``page_hashes`` and
+    ``encode_batch`` keep them). The sender computes it from the hashes of
+    the pages as sent, the receiver from the pages it holds; the hashes are
+    taken little-endian so both hosts agree whatever their byte order.
+    """
+    h = hashlib.blake2b(digest_size=32)
+    for block_id, length, hashes in blocks:
+        bid = block_id.encode() if isinstance(block_id, str) else block_id
+        h.update(_DIGEST_BLOCK.pack(len(bid), length))
+        h.update(bid)
+        if sys.byteorder == "big":
+            hashes = array("Q", hashes)
+            hashes.byteswap()
+        h.update(memoryview(hashes).cast("B"))
+    return h.hexdigest()
 
 
 def page_numbers(numbers) -> array:

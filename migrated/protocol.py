@@ -1,0 +1,414 @@
+"""The migration protocol, sans-IO: bytes in, events out; events in, bytes out.
+
+Neither trio nor sockets appear here. A ``Connection`` is one end of one
+migration: ``send(event)`` returns the bytes to write, ``receive_data(data)``
+buffers what the peer wrote, ``next_event()`` returns the next event or
+``NEED_DATA``. On the receiving end of page records a ``Connection`` applies
+them itself, through an ``Applier``, into the buffers given to
+``set_blocks``, so the hot path never surfaces page by page.
+
+Each direction starts with a 12-byte preamble (``MIGRATED`` and a u32
+protocol version), then records (docs/format.md):
+
+    sender                                receiver
+    preamble, HELLO            ->
+                               <-         preamble, WELCOME (or ERROR)
+    MEM_SIZE, page records, EOS(0) ->
+                               <-         ACK(0)
+    ... more passes, a MEM_SIZE whenever the block list changes ...
+    COMPLETE(digest)           ->
+                               <-         COMMITTED(digest) (or ERROR)
+
+Either side may send ERROR at any point; the connection is then closed.
+Which event may come in which state is the one table ``_TRANSITIONS``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from migrated import _core
+from migrated.errors import PeerError, ProtocolError
+from migrated.records import (
+    AT_CONTROL,
+    Applier,
+    BlockInfo,
+    Control,
+    Flag,
+    frame_control,
+    frame_eos,
+    frame_mem_size,
+    parse_record,
+)
+
+MAGIC = b"MIGRATED"
+VERSION = 1
+_PREAMBLE = struct.Struct(">8sI")
+PREAMBLE = _PREAMBLE.pack(MAGIC, VERSION)
+
+#: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
+CAP_XBZRLE = "xbzrle"
+CAPABILITIES = (CAP_XBZRLE,)
+
+
+class VersionError(ProtocolError):
+    code = "version"
+
+
+# ---------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Sender's offer: who it is and what it can do."""
+
+    name: str
+    page_size: int
+    capabilities: tuple[str, ...] = CAPABILITIES
+    source: str = ""
+    version: int = VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Receiver's answer: the capabilities both ends will use."""
+
+    capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockList:
+    """The image's blocks; a later one replaces the list (blocks grow, shrink, come and go)."""
+
+    blocks: tuple[BlockInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfPass:
+    pass_number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Receiver has applied everything up to the end of a pass."""
+
+    pass_number: int
+    received_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Sender has sent everything; ``digest`` is the image as sent."""
+
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Receiver has verified the digest and committed the image."""
+
+    digest: str
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """ERROR: the side that sends it has failed the migration."""
+
+    code: str
+    message: str
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+# ---------------------------------------------------------------------------
+# State machine: one table for both roles
+# ---------------------------------------------------------------------------
+
+
+class Role(Enum):
+    SENDER = auto()
+    RECEIVER = auto()
+
+
+class State(Enum):
+    HANDSHAKE = auto()  # before HELLO/WELCOME
+    RUNNING = auto()  # block lists, passes
+    COMPLETING = auto()  # COMPLETE sent, waiting for COMMITTED
+    DONE = auto()  # COMMITTED
+    FAILED = auto()  # ERROR either way
+
+
+# (state, event type) -> next state, per direction of travel: events the
+# sender emits travel SENDER->RECEIVER and vice versa. Both ends run the same
+# table, so a sender rejects its own out-of-order send the way the receiver
+# would reject it from the wire.
+_TRANSITIONS: dict[tuple[Role, State, type], State] = {
+    (Role.SENDER, State.HANDSHAKE, Hello): State.HANDSHAKE,
+    (Role.RECEIVER, State.HANDSHAKE, Welcome): State.RUNNING,
+    (Role.SENDER, State.RUNNING, BlockList): State.RUNNING,
+    (Role.SENDER, State.RUNNING, EndOfPass): State.RUNNING,
+    (Role.RECEIVER, State.RUNNING, Ack): State.RUNNING,
+    (Role.SENDER, State.RUNNING, Complete): State.COMPLETING,
+    (Role.RECEIVER, State.COMPLETING, Ack): State.COMPLETING,
+    (Role.RECEIVER, State.COMPLETING, Committed): State.DONE,
+}
+
+
+def _next_state(origin: Role, state: State, event: object) -> State:
+    if isinstance(event, Failure) and state not in (State.DONE, State.FAILED):
+        return State.FAILED
+    try:
+        return _TRANSITIONS[(origin, state, type(event))]
+    except KeyError:
+        who = "sender" if origin is Role.SENDER else "receiver"
+        raise ProtocolError(f"{type(event).__name__} from the {who} is not allowed in state {state.name}") from None
+
+
+class Connection:
+    """One end of a migration. ``role`` is the side this object speaks for."""
+
+    def __init__(self, role: Role, page_size: int = 4096):
+        self.role = role
+        self.peer_role = Role.RECEIVER if role is Role.SENDER else Role.SENDER
+        self.state = State.HANDSHAKE
+        self.page_size = page_size
+        self.peer_version: int | None = None
+        self.capabilities: tuple[str, ...] = ()
+        self.received_bytes = 0  # bytes taken from the peer, preamble included
+        self._buf = bytearray()
+        self._preamble_sent = False
+        self._applier: Applier | None = None
+        self._blocks_known = False
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, event) -> bytes:
+        """Bytes for ``event``; the first call also returns the preamble."""
+        self.state = _next_state(self.role, self.state, event)
+        out = self.frame(event)
+        if isinstance(event, Hello):
+            self.page_size = event.page_size
+        elif isinstance(event, Welcome):
+            self.capabilities = tuple(event.capabilities)
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            out = PREAMBLE + out
+        return out
+
+    @staticmethod
+    def frame(event) -> bytes:
+        """The record for ``event`` (no state change: for a last-gasp ERROR)."""
+        match event:
+            case Hello():
+                return frame_control(
+                    Control.HELLO,
+                    {
+                        "version": event.version,
+                        "page_size": event.page_size,
+                        "capabilities": list(event.capabilities),
+                        "name": event.name,
+                        "source": event.source,
+                    },
+                )
+            case Welcome():
+                return frame_control(Control.WELCOME, {"capabilities": list(event.capabilities)})
+            case BlockList():
+                return frame_mem_size(list(event.blocks))
+            case EndOfPass():
+                return frame_eos(event.pass_number)
+            case Ack():
+                return frame_control(Control.ACK, {"pass": event.pass_number, "received_bytes": event.received_bytes})
+            case Complete():
+                return frame_control(Control.COMPLETE, {"digest": event.digest})
+            case Committed():
+                return frame_control(Control.COMMITTED, {"digest": event.digest, "path": event.path})
+            case Failure():
+                return frame_control(Control.ERROR, {"code": event.code, "message": event.message})
+        raise TypeError(f"not a protocol event: {event!r}")
+
+    def preamble(self) -> bytes:
+        """The preamble alone (a side that fails before its first event still sends it)."""
+        if self._preamble_sent:
+            return b""
+        self._preamble_sent = True
+        return PREAMBLE
+
+    # -- receiving -------------------------------------------------------
+
+    def set_blocks(self, buffers) -> None:
+        """Receiver: the writable buffers for the block list just received,
+        as ``[(id: bytes, buffer)]`` in any order."""
+        if self._applier is None:
+            self._applier = Applier(self.page_size)
+            self._applier.skip(self.received_bytes - len(self._buf))
+            self._applier.allow_xbzrle = CAP_XBZRLE in self.capabilities
+        self._applier.set_blocks(buffers)
+        self._blocks_known = True
+
+    def release_blocks(self) -> None:
+        """Receiver: drop the block buffers (before they are unmapped or resized)."""
+        if self._applier is not None:
+            self._applier.release()
+
+    @property
+    def page_counters(self) -> dict[str, int]:
+        a = self._applier
+        if a is None:
+            return {"zero_pages": 0, "normal_pages": 0, "xbzrle_pages": 0, "xbzrle_bytes": 0}
+        return {
+            "zero_pages": a.zero_pages,
+            "normal_pages": a.normal_pages,
+            "xbzrle_pages": a.xbzrle_pages,
+            "xbzrle_bytes": a.xbzrle_bytes,
+        }
+
+    def receive_data(self, data) -> None:
+        self._buf += data
+        self.received_bytes += len(data)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_event(self):
+        """The next event from the peer, or NEED_DATA.
+
+        Page records are applied on the way (the receiver's hot path: it
+        releases the GIL, so callers run this in a worker thread when much
+        is buffered). Raises ``ProtocolError``/``RecordError`` on bad input
+        and ``PeerError`` when the peer reports a failure.
+        """
+        if self.peer_version is None:
+            if len(self._buf) < _PREAMBLE.size:
+                if self._buf and not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
+                    raise ProtocolError("peer does not speak the migrated protocol (bad magic)")
+                return NEED_DATA
+            magic, version = _PREAMBLE.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise ProtocolError("peer does not speak the migrated protocol (bad magic)")
+            self.peer_version = version
+            del self._buf[: _PREAMBLE.size]
+            if version != VERSION:
+                raise VersionError(f"peer speaks protocol version {version}, this migrated speaks {VERSION}")
+        while True:
+            if not self._buf:
+                return NEED_DATA
+            stream_offset = self.received_bytes - len(self._buf)
+            if self.role is Role.RECEIVER and self.state is State.RUNNING and self._blocks_known:
+                with memoryview(self._buf) as mv:
+                    consumed, reason = self._applier.apply(mv)
+                if consumed:
+                    del self._buf[:consumed]
+                if reason != AT_CONTROL:
+                    return NEED_DATA
+                stream_offset = self.received_bytes - len(self._buf)
+            with memoryview(self._buf) as mv:
+                rec = parse_record(mv, stream_offset)
+            if rec is None:
+                return NEED_DATA
+            del self._buf[: rec.size]
+            if self._applier is not None:
+                self._applier.skip(rec.size)
+                self._applier.forget_current()
+            event = self._event_from(rec)
+            self.state = _next_state(self.peer_role, self.state, event)
+            if isinstance(event, Hello):
+                self.page_size = event.page_size
+            elif isinstance(event, Welcome):
+                self.capabilities = event.capabilities
+            if isinstance(event, Failure):
+                raise PeerError(event.message, event.code)
+            return event
+
+    def _event_from(self, rec):
+        if rec.flag == Flag.MEM_SIZE:
+            return BlockList(tuple(rec.blocks))
+        if rec.flag == Flag.EOS:
+            return EndOfPass(rec.pass_number)
+        p = rec.payload
+        try:
+            match rec.control:
+                case Control.HELLO:
+                    return _hello(p)
+                case Control.WELCOME:
+                    caps = tuple(_field(p, "capabilities", list))
+                    if not set(caps) <= set(CAPABILITIES):
+                        raise ProtocolError(f"receiver accepted capabilities it was not offered: {caps}")
+                    return Welcome(caps)
+                case Control.ACK:
+                    return Ack(_field(p, "pass", int), _field(p, "received_bytes", int))
+                case Control.COMPLETE:
+                    return Complete(_field(p, "digest", str))
+                case Control.COMMITTED:
+                    return Committed(_field(p, "digest", str), p.get("path", ""))
+                case Control.ERROR:
+                    return Failure(str(p.get("code", "error"))[:64], str(p.get("message", ""))[:4096])
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed {rec.control.name} message: {exc}") from None
+        raise ProtocolError(f"unexpected {rec.control.name} message")
+
+
+def _field(payload: dict, key: str, kind: type):
+    value = payload.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} must be {kind.__name__}")
+    return value
+
+
+def _hello(p: dict) -> Hello:
+    caps = _field(p, "capabilities", list)
+    if not all(isinstance(c, str) for c in caps):
+        raise ValueError("capabilities must be strings")
+    return Hello(
+        name=_field(p, "name", str),
+        page_size=_field(p, "page_size", int),
+        capabilities=tuple(caps),
+        source=str(p.get("source", "")),
+        version=_field(p, "version", int),
+    )
+
+
+def check_page_size(page_size: int) -> None:
+    """Raise ProtocolError unless ``page_size`` is one the codec serves."""
+    if not 512 <= page_size <= _core.MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise ProtocolError(
+            f"page size {page_size} is not supported: a power of two from 512 to {_core.MAX_PAGE_SIZE} is"
+        )
+
+
+def negotiate(offered, allowed) -> tuple[str, ...]:
+    """Capabilities both ends allow, in the offer's order."""
+    return tuple(c for c in offered if c in allowed and c in CAPABILITIES)
+
+
+__all__ = [
+    "Ack",
+    "BlockList",
+    "CAPABILITIES",
+    "CAP_XBZRLE",
+    "Committed",
+    "Complete",
+    "Connection",
+    "EndOfPass",
+    "Failure",
+    "Hello",
+    "NEED_DATA",
+    "PREAMBLE",
+    "Role",
+    "State",
+    "VERSION",
+    "VersionError",
+    "Welcome",
+    "check_page_size",
+    "negotiate",
+]

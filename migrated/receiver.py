@@ -1,0 +1,268 @@
+"""The receiving daemon: accepts migrations and commits verified images.
+
+trio owns the sockets, timers and task lifetimes here; the protocol and
+page application are in ``protocol.Connection`` and the image directory in
+``store``. Each connection is one migration, handled by ``Receiver.handle``
+on any ``trio.abc.Stream`` (TCP today, TLS later, memory streams in tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import structlog
+import trio
+
+from migrated.errors import LocalError, MigrationError, PeerError, RemoteError
+from migrated.protocol import (
+    CAP_XBZRLE,
+    NEED_DATA,
+    Ack,
+    BlockList,
+    Committed,
+    Complete,
+    Connection,
+    EndOfPass,
+    Failure,
+    Hello,
+    Role,
+    Welcome,
+    check_page_size,
+    negotiate,
+)
+from migrated.store import ImageStore, Staging
+
+log = structlog.get_logger("migrated.receiver")
+
+RECEIVE_CHUNK = 1 << 20
+THREAD_THRESHOLD = 64 << 10  # apply in a worker thread above this much buffered data
+
+
+class PeerGone(RemoteError):
+    code = "disconnected"
+
+
+class IdleTimeout(RemoteError):
+    code = "idle-timeout"
+
+
+class Busy(LocalError):
+    code = "busy"
+
+
+class DigestMismatch(LocalError):
+    code = "digest-mismatch"
+
+
+@dataclass
+class ReceiverConfig:
+    directory: str
+    xbzrle: bool = True
+    idle_timeout: float = 60.0
+    shutdown_grace: float = 30.0
+
+
+class Receiver:
+    def __init__(self, config: ReceiverConfig):
+        self.config = config
+        self.store = ImageStore(config.directory)
+        self.busy: set[str] = set()
+        self.completed = 0
+        self.failed = 0
+        self.stopping = False
+        self._accepting: trio.CancelScope | None = None
+        self._migrations: trio.Nursery | None = None
+
+    async def serve(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve migrations on ``listeners`` until ``shutdown()``."""
+        removed = self.store.clean_stale()
+        if removed:
+            log.info("remove_stale_staging", entries=removed)
+        async with trio.open_nursery() as migrations:
+            self._migrations = migrations
+            with trio.CancelScope() as accepting:
+                self._accepting = accepting
+                async with trio.open_nursery() as accept:
+                    await accept.start(
+                        partial(trio.serve_listeners, self._on_connection, listeners, handler_nursery=migrations)
+                    )
+                    log.info(
+                        "listen",
+                        addresses=[_address(lst.socket.getsockname()) for lst in listeners],
+                        directory=str(self.store.root),
+                        xbzrle=self.config.xbzrle,
+                    )
+                    task_status.started()
+            log.info("stop_accepting", running=sorted(self.busy))
+
+    def shutdown(self) -> None:
+        """Stop accepting; give running migrations ``shutdown_grace`` seconds."""
+        self.stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._migrations is not None:
+            self._migrations.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+
+    async def _on_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = _address(stream.socket.getpeername())
+        except OSError:
+            peer = "?"
+        await self.handle(stream, peer)
+
+    async def handle(self, stream: trio.abc.Stream, peer: str) -> None:
+        """One migration on ``stream``, from handshake to commit or failure.
+        Never raises except Cancelled: a bad peer fails only its migration."""
+        structlog.contextvars.bind_contextvars(peer=peer)
+        conn = Connection(Role.RECEIVER)
+        session = _Session(self, stream, conn)
+        try:
+            async with stream:
+                await session.run()
+        except trio.Cancelled:
+            self.failed += 1
+            log.warning("abort_migration", reason="receiver shutting down")
+            await session.fail(Failure("shutdown", "the receiver is shutting down"))
+            raise
+        except (MigrationError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.failed += 1
+            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                exc = PeerGone(f"connection lost: {exc or type(exc).__name__}")
+            log.error("fail_migration", code=exc.code, error=str(exc), **session.progress())
+            # a peer that hung up or reported its own failure is not told again
+            await session.fail(None if isinstance(exc, (PeerGone, PeerError)) else Failure(exc.code, str(exc)))
+        except Exception as exc:  # a bug: fail this migration, keep serving
+            self.failed += 1
+            log.exception("fail_migration", code="internal", error=repr(exc))
+            await session.fail(Failure("internal", f"receiver internal error: {exc!r}"))
+        finally:
+            session.release()
+            structlog.contextvars.unbind_contextvars("peer", "migration")
+
+
+class _Session:
+    """State of one incoming migration (kept out of Receiver so that each
+    connection's state has one owner)."""
+
+    def __init__(self, receiver: Receiver, stream: trio.abc.Stream, conn: Connection):
+        self.receiver = receiver
+        self.config = receiver.config
+        self.stream = stream
+        self.conn = conn
+        self.name: str | None = None
+        self.staging: Staging | None = None
+        self.passes = 0
+        self.started = trio.current_time()
+
+    def progress(self) -> dict:
+        return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **self.conn.page_counters}
+
+    async def send(self, event) -> None:
+        await self.stream.send_all(self.conn.send(event))
+
+    async def next_event(self):
+        conn = self.conn
+        while True:
+            if conn.buffered >= THREAD_THRESHOLD:
+                event = await trio.to_thread.run_sync(conn.next_event)
+            else:
+                event = conn.next_event()
+            if event is not NEED_DATA:
+                return event
+            with trio.move_on_after(self.config.idle_timeout) as idle:
+                data = await self.stream.receive_some(RECEIVE_CHUNK)
+            if idle.cancelled_caught:
+                raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
+            if not data:
+                raise PeerGone("the sender closed the connection before the image was complete")
+            conn.receive_data(data)
+
+    async def run(self) -> None:
+        hello = await self.next_event()
+        assert isinstance(hello, Hello)  # the state table admits nothing else first
+        self.hello(hello)
+        caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
+        await self.send(Welcome(caps))
+        log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
+        while True:
+            event = await self.next_event()
+            if isinstance(event, BlockList):
+                self.conn.release_blocks()
+                buffers = await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
+                self.conn.set_blocks(buffers)
+                log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
+            elif isinstance(event, EndOfPass):
+                self.passes += 1
+                await self.send(Ack(event.pass_number, self.conn.received_bytes))
+                log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
+            elif isinstance(event, Complete):
+                await self.commit(event.digest)
+                return
+
+    def hello(self, hello: Hello) -> None:
+        check_page_size(hello.page_size)
+        name = hello.name
+        structlog.contextvars.bind_contextvars(migration=name)
+        if name in self.receiver.busy:
+            raise Busy(f"a migration to image {name!r} is already in progress on this receiver")
+        self.staging = self.receiver.store.begin(name, hello.page_size, hello.source)
+        self.name = name
+        self.receiver.busy.add(name)
+        self.conn.page_size = hello.page_size
+
+    async def commit(self, digest: str) -> None:
+        self.conn.release_blocks()
+        held = await trio.to_thread.run_sync(self.staging.digest)
+        if held != digest:
+            raise DigestMismatch(
+                f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
+                "nothing was committed"
+            )
+        path = await trio.to_thread.run_sync(self.staging.commit, digest)
+        self.staging = None
+        self.receiver.completed += 1
+        await self.send(Committed(digest, str(path)))
+        log.info("commit_image", path=str(path), digest=digest,
+                 seconds=round(trio.current_time() - self.started, 3), **self.progress())
+
+    async def fail(self, failure: Failure | None) -> None:
+        """Tell the sender (best effort) and drop the staging image."""
+        with trio.CancelScope(shield=True):
+            if failure is not None:
+                with trio.move_on_after(2):
+                    try:
+                        await self.stream.send_all(self.conn.preamble() + self.conn.frame(failure))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            self.release()
+
+    def release(self) -> None:
+        self.conn.release_blocks()
+        if self.staging is not None:
+            self.staging.discard()
+            self.staging = None
+            log.info("remove_staging")
+        if self.name is not None:
+            self.receiver.busy.discard(self.name)
+            self.name = None
+
+
+def _address(sockaddr) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str, default_host: str | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        host, port = default_host, text
+    host = host.strip("[]") or default_host or ""
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    return host, int(port)
+

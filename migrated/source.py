@@ -1,0 +1,173 @@
+"""Where the sender's pages come from.
+
+A source names its blocks and gives a readable buffer for each; the sender
+scans and encodes from those buffers. ``refresh()`` runs at the start of
+every pass (in a worker thread): it follows size and layout changes and, for
+a source that copies memory (a process), takes this pass's copy. ``freeze()``
+stops whatever writes the memory for the final pass; ``thaw()`` always runs
+after it, whatever happened.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from migrated.errors import LocalError
+from migrated.records import BlockInfo, scan
+
+log = structlog.get_logger("migrated.source")
+
+
+class SourceError(LocalError):
+    code = "source"
+
+
+@dataclass
+class Block:
+    """One block of a source as of the last refresh."""
+
+    info: BlockInfo
+    view: object  # readable buffer of info.length bytes
+
+
+class Source:
+    """Base class: a source with no writer to stop and hash-scan dirty tracking."""
+
+    description = ""
+    tracking = "scan"
+
+    def open(self) -> None:
+        pass
+
+    def refresh(self) -> list[Block]:
+        raise NotImplementedError
+
+    def changed(self, block: Block, hashes):
+        """Pages of ``block`` that differ from ``hashes`` (updated in place)."""
+        return scan(block.view, hashes, block.info.page_size)
+
+    def freeze(self) -> None:
+        pass
+
+    def thaw(self, succeeded: bool) -> None:
+        pass
+
+    def info(self) -> dict:
+        """Extra facts for the manifest and summary."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FileSource(Source):
+    """A file, mapped shared and read-only, so a writer's changes show up in
+    place. ``pause_pid`` is the writer, stopped with SIGSTOP for the final pass."""
+
+    tracking = "scan"
+
+    def __init__(self, path: str, page_size: int = 4096, pause_pid: int | None = None):
+        self.path = Path(path)
+        self.page_size = page_size
+        self.description = f"file:{path}"
+        self.pauser = SignalPauser(pause_pid) if pause_pid else None
+        self._fd = -1
+        self._map = None
+        self._size = -1
+
+    def open(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"source file {self.path} does not exist") from None
+        except PermissionError:
+            raise SourceError(f"no permission to read source file {self.path}") from None
+        except OSError as exc:
+            raise SourceError(f"cannot open source file {self.path}: {exc.strerror}") from None
+        if not os.path.isfile(self.path):
+            raise SourceError(f"source {self.path} is not a regular file")
+        if self.pauser:
+            self.pauser.check()
+
+    def refresh(self) -> list[Block]:
+        size = os.fstat(self._fd).st_size
+        if size != self._size:
+            if self._size >= 0:
+                log.info("resize_source", path=str(self.path), old=self._size, new=size)
+            if isinstance(self._map, mmap.mmap):
+                self._map.close()
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+            self._size = size
+        return [Block(BlockInfo("ram", size, self.page_size), self._map)]
+
+    def freeze(self) -> None:
+        if self.pauser:
+            self.pauser.stop()
+
+    def thaw(self, succeeded: bool) -> None:
+        if self.pauser:
+            self.pauser.resume()
+
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T, t, Z...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
+
+
+class SignalPauser:
+    """Stops a process with SIGSTOP and resumes it with SIGCONT."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.stopped = False
+
+    def check(self) -> None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            raise SourceError(f"no process with pid {self.pid} (--pause-pid)") from None
+        except PermissionError:
+            raise SourceError(
+                f"not allowed to signal pid {self.pid} (--pause-pid): it belongs to another user; "
+                "run the sender as that user or as root"
+            ) from None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.check()
+        os.kill(self.pid, signal.SIGSTOP)
+        self.stopped = True
+        deadline = time.monotonic() + timeout
+        while (state := process_state(self.pid)) not in ("T", "t"):
+            if state is None or state == "Z":
+                raise SourceError(f"process {self.pid} exited while being stopped")
+            if time.monotonic() > deadline:
+                raise SourceError(f"process {self.pid} did not stop within {timeout:g} s (state {state})")
+            time.sleep(0.001)
+        log.info("stop_writer", pid=self.pid)
+
+    def resume(self) -> None:
+        if self.stopped:
+            self.stopped = False
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+                log.info("resume_writer", pid=self.pid)
+            except ProcessLookupError:
+                pass

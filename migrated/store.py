@@ -1,0 +1,258 @@
+"""The receiver's image directory: staging, atomic commit, crash clean-up.
+
+Layout under the receiver's ``--dir``::
+
+    NAME -> .NAME.v<ns>          committed image (a symlink, swapped in one rename)
+    .NAME.v<ns>/manifest.json    what the image is
+    .NAME.v<ns>/b<N>.mem         one file per block
+    .NAME.staging-<token>/       a migration in progress
+
+A reader who opens ``NAME`` sees the previous complete image or the new one,
+never a mix. Block files are written through shared mmaps, so the receiver's
+own memory does not grow with the image; ``posix_fallocate`` reserves their
+space first, so a full disk is a clear error rather than a SIGBUS.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import structlog
+
+from migrated import __version__
+from migrated.errors import LocalError, RecordError
+from migrated.records import BlockInfo, image_digest, page_hashes
+
+log = structlog.get_logger("migrated.store")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MANIFEST = "manifest.json"
+
+
+class StoreError(LocalError):
+    code = "store"
+
+
+class NoSpace(StoreError):
+    code = "no-space"
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise RecordError(
+            f"image name {name!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit",
+            0,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ImageStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{secrets.token_hex(4)}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"cannot write to image directory {self.root}: {exc.strerror}") from None
+
+    def clean_stale(self) -> list[str]:
+        """Remove staging left by a crash and versions no name points to."""
+        live = set()
+        for entry in self.root.iterdir():
+            if entry.is_symlink():
+                live.add(os.readlink(entry))
+        removed = []
+        for entry in self.root.iterdir():
+            n = entry.name
+            stale = ".staging-" in n or n.endswith(".link-tmp") or (
+                n.startswith(".") and ".v" in n and entry.is_dir() and not entry.is_symlink() and n not in live
+            )
+            if stale and n.startswith("."):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(n)
+        return removed
+
+    def committed(self, name: str) -> Path | None:
+        path = self.root / name
+        return path if path.is_symlink() and path.exists() else None
+
+    def manifest(self, name: str) -> dict | None:
+        path = self.committed(name)
+        return json.loads((path / MANIFEST).read_text()) if path else None
+
+    def begin(self, name: str, page_size: int, source: str = "") -> Staging:
+        check_name(name)
+        target = self.root / name
+        if target.exists() and not target.is_symlink():
+            raise StoreError(f"{target} exists and is not an image committed by migrated; move it away")
+        return Staging(self, name, page_size, source)
+
+
+class _BlockFile:
+    __slots__ = ("info", "path", "fd", "map", "alloc")
+
+    def __init__(self, info: BlockInfo, path: Path):
+        self.info = info
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.map = None
+        self.alloc = 0
+        self.resize(info)
+
+    def resize(self, info: BlockInfo) -> None:
+        """Make the file hold ``info.length`` bytes rounded up to a page (the
+        wire pads the last page); the common prefix keeps its content."""
+        self.unmap()
+        ps = info.page_size
+        alloc = (info.length + ps - 1) // ps * ps
+        try:
+            if alloc < self.alloc:
+                os.ftruncate(self.fd, alloc)
+            elif alloc > self.alloc:
+                os.posix_fallocate(self.fd, self.alloc, alloc - self.alloc)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise NoSpace(
+                    f"no space for block {info.id!r} ({alloc} bytes) in {self.path.parent}: {exc.strerror}"
+                ) from None
+            raise StoreError(f"cannot size {self.path}: {exc.strerror}") from None
+        self.alloc = alloc
+        self.info = info
+        self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()
+
+    def unmap(self) -> None:
+        if isinstance(self.map, mmap.mmap):
+            self.map.close()
+        self.map = None
+
+    def close(self) -> None:
+        self.unmap()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Staging:
+    """An image being received. Use ``set_blocks``, then ``digest`` and
+    ``commit``; ``discard`` on any failure (it is idempotent)."""
+
+    def __init__(self, store: ImageStore, name: str, page_size: int, source: str):
+        self.store = store
+        self.name = name
+        self.page_size = page_size
+        self.source = source
+        self.dir = store.root / f".{name}.staging-{secrets.token_hex(6)}"
+        self.dir.mkdir()
+        self.blocks: dict[str, _BlockFile] = {}
+        self.order: list[str] = []
+        self._files = 0
+
+    def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
+        """Follow a block list: resize kept blocks, create new ones, delete
+        dropped ones. Returns ``[(id, writable buffer)]`` for the applier; the
+        previous buffers must no longer be in use."""
+        ids = [b.id for b in blocks]
+        if len(set(ids)) != len(ids):
+            raise RecordError("block list names a block twice", 0)
+        for b in blocks:
+            if b.page_size != self.page_size:
+                raise RecordError(f"block {b.id!r} has page size {b.page_size}, negotiated {self.page_size}", 0)
+        for bid in set(self.blocks) - set(ids):
+            f = self.blocks.pop(bid)
+            f.close()
+            f.path.unlink(missing_ok=True)
+        for b in blocks:
+            f = self.blocks.get(b.id)
+            if f is None:
+                self._files += 1
+                self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem")
+            elif f.info.length != b.length or f.map is None:
+                f.resize(b)
+            else:
+                f.info = b
+        self.order = ids
+        return [(bid.encode(), self.blocks[bid].map) for bid in ids]
+
+    def unmap(self) -> None:
+        for f in self.blocks.values():
+            f.unmap()
+
+    def digest(self) -> str:
+        """Digest of the pages held, computed as the sender computes it."""
+        entries = []
+        for bid in self.order:
+            f = self.blocks[bid]
+            with memoryview(f.map) as mv:
+                entries.append((bid, f.info.length, page_hashes(mv[: f.info.length], self.page_size)))
+        return image_digest(entries)
+
+    def commit(self, digest: str) -> Path:
+        """Make this the committed image of its name, atomically and durably."""
+        blocks = []
+        for bid in self.order:
+            f = self.blocks[bid]
+            if isinstance(f.map, mmap.mmap):
+                f.map.flush()
+            f.unmap()
+            os.ftruncate(f.fd, f.info.length)
+            os.fsync(f.fd)
+            blocks.append({"id": bid, "length": f.info.length, "page_size": f.info.page_size,
+                           "file": f.path.name, **f.info.info})
+        manifest = {
+            "name": self.name,
+            "source": self.source,
+            "blocks": blocks,
+            "digest": digest,
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "migrated_version": __version__,
+        }
+        mpath = self.dir / MANIFEST
+        with open(mpath, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for f in self.blocks.values():
+            f.close()
+        _fsync_dir(self.dir)
+        root = self.store.root
+        version = f".{self.name}.v{time.time_ns()}"
+        link = root / self.name
+        previous = os.readlink(link) if link.is_symlink() else None
+        os.rename(self.dir, root / version)
+        tmp = root / f".{self.name}.link-tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(version, tmp)
+        os.rename(tmp, link)
+        _fsync_dir(root)
+        self.dir = root / version
+        self.blocks.clear()
+        if previous and previous != version and "/" not in previous:
+            shutil.rmtree(root / previous, ignore_errors=True)
+        return link
+
+    def discard(self) -> None:
+        for f in self.blocks.values():
+            f.close()
+        self.blocks.clear()
+        if ".staging-" in self.dir.name:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Sizes, rates and durations as operators type them on the command line.
+
+SIZE and RATE take an optional binary suffix K, M, G or T (``64M`` is
+64 MiB; a RATE is bytes per second); DURATION takes ``ms`` or ``s``
+(``300ms``, ``1.5s``; a bare number is seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"64M"`` -> 67108864. Raises ValueError with a message an operator can act on."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size: use a number with an optional K, M, G or T suffix, like 64M")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+
+
+def parse_duration(text: str) -> float:
+    """``"300ms"`` -> 0.3 (seconds)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration: use a number with ms or s, like 300ms")
+    value = float(m.group(1))
+    return value / 1000 if (m.group(2) or "s").lower() == "ms" else value
+
+
+def format_size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1 (``1.5 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _argtype(parse, what):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what  # argparse names the type in its error message
+    return convert
+
+
+size_arg = _argtype(parse_size, "size")
+duration_arg = _argtype(parse_duration, "duration")
