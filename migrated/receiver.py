@@ -116,28 +116,28 @@ class Receiver:
         structlog.contextvars.bind_contextvars(peer=peer)
         conn = Connection(Role.RECEIVER)
         session = _Session(self, stream, conn)
-        try:
-            async with stream:
+        async with stream:
+            try:
                 await session.run()
-        except trio.Cancelled:
-            self.failed += 1
-            log.warning("abort_migration", reason="receiver shutting down")
-            await session.fail(Failure("shutdown", "the receiver is shutting down"))
-            raise
-        except (MigrationError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.failed += 1
-            if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
-                exc = PeerGone(f"connection lost: {exc or type(exc).__name__}")
-            log.error("fail_migration", code=exc.code, error=str(exc), **session.progress())
-            # a peer that hung up or reported its own failure is not told again
-            await session.fail(None if isinstance(exc, (PeerGone, PeerError)) else Failure(exc.code, str(exc)))
-        except Exception as exc:  # a bug: fail this migration, keep serving
-            self.failed += 1
-            log.exception("fail_migration", code="internal", error=repr(exc))
-            await session.fail(Failure("internal", f"receiver internal error: {exc!r}"))
-        finally:
-            session.release()
-            structlog.contextvars.unbind_contextvars("peer", "migration")
+            except trio.Cancelled:
+                self.failed += 1
+                log.warning("abort_migration", reason="receiver shutting down")
+                await session.fail(Failure("shutdown", "the receiver is shutting down"))
+                raise
+            except (MigrationError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.failed += 1
+                if not isinstance(exc, MigrationError):
+                    exc = PeerGone(f"connection lost: {exc or type(exc).__name__}")
+                log.error("fail_migration", code=exc.code, error=str(exc), **session.progress())
+                # a peer that hung up or reported its own failure is not told again
+                await session.fail(None if isinstance(exc, (PeerGone, PeerError)) else Failure(exc.code, str(exc)))
+            except Exception as exc:  # a bug: fail this migration, keep serving
+                self.failed += 1
+                log.exception("fail_migration", code="internal", error=repr(exc))
+                await session.fail(Failure("internal", f"receiver internal error: {exc!r}"))
+            finally:
+                session.release()
+                structlog.contextvars.unbind_contextvars("peer", "migration")
 
 
 class _Session:

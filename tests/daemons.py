@@ -1,0 +1,102 @@
+"""Helpers that start real components for the end-to-end tests: an
+in-process receiver on 127.0.0.1 port 0, writer processes, image files."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import trio
+
+from migrated.receiver import Receiver, ReceiverConfig
+from migrated.sender import SendConfig, Sender
+from migrated.source import FileSource
+
+
+def make_image(path: Path, size: int, *, zero_fraction: float = 0.0, seed: int = 1, marker: bytes = b"") -> bytes:
+    """A file of ``size`` bytes: random pages, the first ``zero_fraction`` of
+    them zero; ``marker`` is written in the middle of page 7."""
+    rng = random.Random(seed)
+    zero = int(size * zero_fraction) // 4096 * 4096
+    data = bytearray(zero) + rng.randbytes(size - zero)
+    if marker:
+        data[7 * 4096 + 100 : 7 * 4096 + 100 + len(marker)] = marker
+    path.write_bytes(data)
+    return bytes(data)
+
+
+@contextmanager
+def writer(path: Path, *args: str):
+    """The sparse writer (migrated.workload) as a child process, ready when yielded."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrated.workload", str(path), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+class SnapshotSource(FileSource):
+    """A file source that also keeps a copy of the file as it was frozen."""
+
+    frozen: bytes | None = None
+
+    def freeze(self) -> None:
+        super().freeze()
+        self.frozen = self.path.read_bytes()
+
+
+@asynccontextmanager
+async def running_receiver(directory: Path, **options):
+    """An in-process receiver; yields it with ``.port`` set."""
+    receiver = Receiver(ReceiverConfig(str(directory), **options))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.serve, listeners)
+        receiver.port = listeners[0].socket.getsockname()[1]
+        yield receiver
+        nursery.cancel_scope.cancel()
+
+
+async def migrate(port: int, source, **config) -> dict:
+    """One migration through an in-process sender; returns its summary."""
+    config.setdefault("name", "img")
+    with trio.fail_after(120):
+        return await _migrate(port, source, config)
+
+
+async def _migrate(port, source, config):
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        sender = Sender(source, SendConfig(**config))
+        source.open()
+        try:
+            return await sender.run(stream)
+        finally:
+            source.close()
+
+
+def image_bytes(directory: Path, name: str) -> bytes:
+    """The committed image of a one-block (file) migration."""
+    import json
+
+    manifest = json.loads((directory / name / "manifest.json").read_text())
+    (block,) = manifest["blocks"]
+    return (directory / name / block["file"]).read_bytes()
+
+
+def staging_left(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if ".staging-" in n]
