@@ -1,0 +1,217 @@
+"""`migrated receive` and `migrated send` as real subprocesses over loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons import image_bytes, make_image, staging_left, state, writer
+from migrated.records import image_digest, page_hashes
+
+MiB = 1 << 20
+CLI = [sys.executable, "-m", "migrated"]
+
+
+class ReceiverProcess:
+    """`migrated receive` on 127.0.0.1 port 0; logs go to a file we poll."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.dir = tmp / "images"
+        self.log = tmp / f"receiver-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(self.dir), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),
+        )
+        self.port = int(self.wait_for("listen")["addresses"][0].rsplit(":", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_for(self, event: str, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events():
+                if e.get("event") == event:
+                    return e
+            if self.proc.poll() is not None:
+                raise AssertionError(f"receiver exited {self.proc.returncode}: {self.log.read_text()}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {event!r} in receiver log: {self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    rx = ReceiverProcess(tmp_path)
+    yield rx
+    rx.proc.kill()
+    rx.proc.wait()
+
+
+def send(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "send", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start_send(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, "send", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_migration_through_the_cli_with_a_paused_writer(tmp_path, receiver):
+    src = tmp_path / "src.img"
+    initial = make_image(src, 32 * MiB, zero_fraction=0.5)
+    with writer(src, "--offset", str(16 * MiB), "--stride", "1024") as w:
+        r = send("--source", f"file:{src}", "--to", receiver.address, "--name", "cli", "--pause-pid", str(w.pid),
+                 "--downtime-limit", "50ms", "--json")
+        assert r.returncode == 0, r.stderr
+        assert state(w.pid) != "T"  # resumed
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "completed" and summary["verified"]
+    image = image_bytes(receiver.dir, "cli")
+    # the digest the sender reported is the image's, computed independently here
+    assert image_digest([("ram", len(image), page_hashes(image))]) == summary["digest"]
+    # the writer's region differs from the start only at its stride; the rest is untouched
+    assert image[: 16 * MiB] == initial[: 16 * MiB]
+    changed = {i for i in range(16 * MiB, 32 * MiB, 1024)}
+    assert image[16 * MiB + 1 : 16 * MiB + 1024] == initial[16 * MiB + 1 : 16 * MiB + 1024]
+    assert any(image[i] != initial[i] for i in changed)
+    events = {e["event"] for e in receiver.events()}
+    assert {"accept_migration", "apply_pass", "commit_image"} <= events
+    line = next(e for e in receiver.events() if e["event"] == "commit_image")
+    assert line["migration"] == "cli" and line["peer"].startswith("127.0.0.1:")
+
+
+def test_human_summary_and_receiver_without_xbzrle(tmp_path):
+    rx = ReceiverProcess(tmp_path, "--no-xbzrle")
+    try:
+        src = tmp_path / "src.img"
+        make_image(src, 1 * MiB)
+        r = send("--source", f"file:{src}", "--to", rx.address, "--name", "h")
+        assert r.returncode == 0, r.stderr
+        assert "status:             completed (digest verified by the receiver)" in r.stdout
+        assert "negotiated off by the receiver" in r.stdout
+    finally:
+        assert rx.stop() == 0  # SIGTERM: a clean exit
+
+
+def test_receiver_killed_mid_migration(tmp_path, receiver):
+    src = tmp_path / "src.img"
+    make_image(src, 16 * MiB)
+    with writer(src, "--stride", "4096") as w:
+        p = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "k", "--pause-pid", str(w.pid),
+                       "--max-bandwidth", "4M")
+        receiver.wait_for("set_blocks")
+        receiver.proc.kill()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1
+        assert err.strip().splitlines()[-1].startswith("migrated: send failed (network):")
+        assert state(w.pid) != "T"
+
+
+def test_sender_killed_mid_migration_keeps_the_previous_image(tmp_path, receiver):
+    src = tmp_path / "src.img"
+    first = make_image(src, 2 * MiB, seed=1)
+    assert send("--source", f"file:{src}", "--to", receiver.address, "--name", "vm").returncode == 0
+    make_image(src, 16 * MiB, seed=2)
+    p = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "vm", "--max-bandwidth", "4M")
+    deadline = time.monotonic() + 20
+    while not staging_left(receiver.dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert staging_left(receiver.dir)
+    p.kill()
+    p.wait()
+    receiver.wait_for("remove_staging")
+    assert staging_left(receiver.dir) == []
+    assert image_bytes(receiver.dir, "vm") == first
+    # still serving
+    small = tmp_path / "small.img"
+    data = make_image(small, 1 * MiB, seed=3)
+    assert send("--source", f"file:{small}", "--to", receiver.address, "--name", "vm").returncode == 0
+    assert image_bytes(receiver.dir, "vm") == data
+
+
+def test_sigint_cancels_and_resumes_the_writer(tmp_path, receiver):
+    src = tmp_path / "src.img"
+    make_image(src, 16 * MiB)
+    with writer(src, "--stride", "4096") as w:
+        p = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "c", "--pause-pid", str(w.pid),
+                       "--max-bandwidth", "4M", "--json")
+        receiver.wait_for("set_blocks")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 3, err
+        assert json.loads(out)["status"] == "cancelled"
+        assert "cancelled" in err.strip().splitlines()[-1]
+        assert state(w.pid) != "T"
+    receiver.wait_for("remove_staging")
+    assert staging_left(receiver.dir) == []
+
+
+def test_connection_and_source_errors_exit_1(tmp_path, receiver):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    src = tmp_path / "src.img"
+    make_image(src, 64 << 10)
+    r = send("--source", f"file:{src}", "--to", f"127.0.0.1:{free}", "--name", "x", "--timeout", "5s")
+    assert r.returncode == 1
+    assert "failed (network): network: cannot connect to the receiver" in r.stderr
+    r = send("--source", f"file:{tmp_path}/missing", "--to", receiver.address, "--name", "x")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = send("--source", f"file:{src}", "--to", receiver.address, "--name", "x", "--pause-pid", "999999999")
+    assert r.returncode == 1 and "no process with pid 999999999" in r.stderr
+
+
+def test_port_in_use_and_unwritable_dir(tmp_path, receiver):
+    r = subprocess.run([*CLI, "receive", "--listen", receiver.address, "--dir", str(tmp_path / "d2")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot listen" in r.stderr
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run([*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "file" / "sub")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot write to image directory" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--source", "nope", "--to", "h:1", "--name", "n"], "use file:PATH or pid:PID"),
+        (["--source", "file:/x", "--to", "nohost", "--name", "n"], "HOST:PORT"),
+        (["--source", "file:/x", "--to", "h:1", "--name", "n", "--cache-size", "lots"], "like 64M"),
+        (["--source", "file:/x", "--to", "h:1", "--name", "n", "--downtime-limit", "soon"], "like 300ms"),
+        (["--source", "file:/x", "--to", "h:1", "--name", "n", "--max-iterations", "0"], "at least 1"),
+        (["--source", "file:/x", "--to", "h:1", "--name", "../n"], "not valid"),
+        (["--source", "pid:abc", "--to", "h:1", "--name", "n"], "PID must be a number"),
+        (["--to", "h:1", "--name", "n"], "--source"),
+    ],
+)
+def test_usage_errors_exit_2(args, message):
+    r = send(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_help_teaches():
+    out = subprocess.run([*CLI, "send", "--help"], capture_output=True, text=True).stdout
+    for word in ("--max-bandwidth", "exit status", "--pause-pid", "K/M/G", "examples"):
+        assert word in out
+    out = subprocess.run([*CLI, "receive", "--help"], capture_output=True, text=True).stdout
+    assert "--shutdown-grace" in out and "manifest.json" in out

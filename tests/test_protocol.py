@@ -1,0 +1,182 @@
+"""The protocol state machine without sockets: two Connections fed each
+other's bytes, whole, one byte at a time, and with garbage."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from migrated.cache import PageCache
+from migrated.errors import PeerError, ProtocolError, RecordError
+from migrated.protocol import (
+    NEED_DATA,
+    PREAMBLE,
+    Ack,
+    BlockList,
+    Committed,
+    Complete,
+    Connection,
+    EndOfPass,
+    Failure,
+    Hello,
+    Role,
+    State,
+    VersionError,
+    Welcome,
+    negotiate,
+)
+from migrated.records import BlockInfo, encode_batch, page_range
+
+
+def events(conn: Connection, data: bytes, step: int | None = None) -> list:
+    """Feed ``data`` (in pieces of ``step``) and collect every event."""
+    out = []
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        conn.receive_data(data[i : i + step])
+        while (ev := conn.next_event()) is not NEED_DATA:
+            out.append(ev)
+    return out
+
+
+def test_golden_bytes():
+    assert PREAMBLE == b"MIGRATED\x00\x00\x00\x01"
+    s = Connection(Role.SENDER)
+    hello = s.send(Hello("vm1", 4096, ("xbzrle",), "file:/x"))
+    body = b'{"version":1,"page_size":4096,"capabilities":["xbzrle"],"name":"vm1","source":"file:/x"}'
+    assert hello == PREAMBLE + struct.pack(">QBI", 0x80, 1, len(body)) + body
+    r = Connection(Role.RECEIVER)
+    assert r.send(Welcome(("xbzrle",))) == PREAMBLE + struct.pack(">QBI", 0x80, 2, 27) + b'{"capabilities":["xbzrle"]}'
+    s.state = State.RUNNING
+    assert s.send(EndOfPass(3)) == bytes.fromhex("0000000000000010 00000003")
+    assert s.send(BlockList((BlockInfo("ram", 8192, 4096),))) == bytes.fromhex(
+        "0000000000000004 00000001 03 72616d 0000000000002000 00001000 0000"
+    )
+
+
+def _migration_bytes(block: bytearray, passes: int = 2):
+    """Sender-side bytes of a whole migration of ``block``, plus the expected digest."""
+    from migrated.records import image_digest
+
+    s = Connection(Role.SENDER)
+    out = s.send(Hello("vm", 4096))
+    s.receive_data(Connection(Role.RECEIVER).send(Welcome(("xbzrle",))))
+    assert isinstance(s.next_event(), Welcome)
+    info = BlockInfo("ram", len(block), 4096)
+    out += s.send(BlockList((info,)))
+    cache = PageCache(1 << 20)
+    hashes = __import__("array").array("Q", bytes(8 * info.pages))
+    for p in range(passes):
+        data, _ = encode_batch(cache, 1, b"ram", block, page_range(0, info.pages), first_pass=(p == 0), hashes=hashes)
+        out += data + s.send(EndOfPass(p))
+        block[p * 100] ^= 0x5A  # a change for the next pass
+    digest = image_digest([("ram", len(block), hashes)])
+    out += s.send(Complete(digest))
+    return out, digest
+
+
+@pytest.mark.parametrize("step", [None, 1, 7, 4105])
+def test_receiver_applies_a_whole_migration_in_any_chunking(step):
+    block = bytearray(__import__("os").urandom(5 * 4096))
+    wire, digest = _migration_bytes(block)
+    r = Connection(Role.RECEIVER)
+    target = bytearray(5 * 4096)
+    got = []
+    for i in range(0, len(wire), step or len(wire)):
+        r.receive_data(wire[i : i + (step or len(wire))])
+        while (ev := r.next_event()) is not NEED_DATA:
+            got.append(ev)
+            if isinstance(ev, Hello):
+                r.send(Welcome(negotiate(ev.capabilities, ("xbzrle",))))
+            elif isinstance(ev, BlockList):
+                r.set_blocks([(b"ram", target)])
+    kinds = [type(e).__name__ for e in got]
+    assert kinds == ["Hello", "BlockList", "EndOfPass", "EndOfPass", "Complete"]
+    assert got[-1].digest == digest
+    # pass 1 went as XBZRLE and sent the page as it was before the pass-1 change
+    assert r.page_counters["xbzrle_pages"] == 1
+    expected = bytearray(block)
+    expected[100] ^= 0x5A
+    assert target == expected
+    assert r.send(Ack(1)) and r.send(Committed(digest))
+    assert r.state is State.DONE
+
+
+def test_sender_side_events():
+    s = Connection(Role.SENDER)
+    s.send(Hello("vm", 4096))
+    r = Connection(Role.RECEIVER)
+    wire = r.send(Welcome(())) + r.frame(Ack(0, 123))
+    got = events(s, wire, step=1)
+    assert got == [Welcome(()), Ack(0, 123)]
+    s.send(Complete("d"))
+    assert events(s, r.frame(Ack(1)) + r.frame(Committed("d", "/x"))) == [Ack(1), Committed("d", "/x")]
+    assert s.state is State.DONE
+
+
+def test_out_of_order_events_are_refused_both_ways():
+    s = Connection(Role.SENDER)
+    with pytest.raises(ProtocolError, match="not allowed in state HANDSHAKE"):
+        s.send(Complete("x"))
+    r = Connection(Role.RECEIVER)
+    wire = Connection(Role.SENDER).preamble() + Connection.frame(Complete("x"))
+    with pytest.raises(ProtocolError, match="Complete from the sender is not allowed"):
+        events(r, wire)
+
+
+def test_preamble_checks():
+    with pytest.raises(ProtocolError, match="bad magic"):
+        events(Connection(Role.RECEIVER), b"GET / HTTP/1.1\r\n")
+    with pytest.raises(ProtocolError, match="bad magic"):
+        events(Connection(Role.RECEIVER), b"X")  # caught at the first byte
+    with pytest.raises(VersionError, match="version 2"):
+        events(Connection(Role.RECEIVER), b"MIGRATED\x00\x00\x00\x02")
+    assert events(Connection(Role.RECEIVER), b"MIGRATED\x00\x00") == []  # incomplete: wait
+
+
+def test_error_from_the_peer_is_raised_with_its_code():
+    s = Connection(Role.SENDER)
+    s.send(Hello("vm", 4096))
+    wire = Connection(Role.RECEIVER).preamble() + Connection.frame(Failure("busy", "name in use"))
+    with pytest.raises(PeerError, match="name in use") as info:
+        events(s, wire)
+    assert info.value.code == "busy" and s.state is State.FAILED
+
+
+def test_malformed_control_messages():
+    r = Connection(Role.RECEIVER)
+    bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 2) + b"[]"
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        events(r, bad)
+    r = Connection(Role.RECEIVER)
+    bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 9) + b'{"x": 1}x'
+    with pytest.raises(ProtocolError, match="not JSON"):
+        events(r, bad)
+    r = Connection(Role.RECEIVER)
+    bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 200 << 20)
+    with pytest.raises(ProtocolError, match="declares"):  # refused before buffering the body
+        events(r, bad)
+    r = Connection(Role.RECEIVER)
+    bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 2) + b"{}"
+    with pytest.raises(ProtocolError, match="malformed HELLO"):
+        events(r, bad)
+
+
+def test_xbzrle_records_refused_unless_negotiated():
+    block = bytearray(__import__("os").urandom(4096))
+    wire, _ = _migration_bytes(block)
+    r = Connection(Role.RECEIVER)
+    r.receive_data(wire)
+    with pytest.raises(RecordError, match="not negotiated"):
+        while (ev := r.next_event()) is not NEED_DATA:
+            if isinstance(ev, Hello):
+                r.send(Welcome(()))  # receiver allows raw only
+            elif isinstance(ev, BlockList):
+                r.set_blocks([(b"ram", bytearray(4096))])
+
+
+def test_negotiation():
+    assert negotiate(("xbzrle",), ("xbzrle",)) == ("xbzrle",)
+    assert negotiate(("xbzrle",), ()) == ()
+    assert negotiate((), ("xbzrle",)) == ()
+    assert negotiate(("xbzrle", "future"), ("xbzrle", "future")) == ("xbzrle",)

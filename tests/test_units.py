@@ -1,0 +1,33 @@
+import argparse
+
+import pytest
+
+from migrated.units import duration_arg, format_size, parse_duration, parse_size, size_arg
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("0", 0), ("4096", 4096), ("64M", 64 << 20), ("64m", 64 << 20), ("1.5K", 1536), ("2G", 2 << 30), ("8MiB", 8 << 20)],
+)
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text,value", [("300ms", 0.3), ("2s", 2.0), ("1.5", 1.5), ("0ms", 0.0)])
+def test_durations(text, value):
+    assert parse_duration(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["", "M", "-1", "12X", "1e3"])
+def test_bad_sizes_say_what_to_type(bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="like 64M"):
+        size_arg(bad)
+
+
+def test_bad_duration():
+    with pytest.raises(argparse.ArgumentTypeError, match="like 300ms"):
+        duration_arg("5 minutes")
+
+
+def test_format_size():
+    assert format_size(512) == "512 B" and format_size(3 << 20) == "3.0 MiB"
