@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.h)
 
-.PHONY: all test bench clean
+.PHONY: all demo test bench clean
 
 all: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m migrated.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

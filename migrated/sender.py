@@ -296,6 +296,8 @@ class Sender:
                 self._cache_cold = True
             return
         s = report.stats
+        if report.number == 0:
+            return  # the first pass does not use the cache
         if self._cache_cold or s.cache_lookups < MIN_JUDGED_LOOKUPS:
             self._cache_cold = False
             return

@@ -193,9 +193,12 @@ class Staging:
         self.order = ids
         return [(bid.encode(), self.blocks[bid].map) for bid in ids]
 
-    def unmap(self) -> None:
-        for f in self.blocks.values():
-            f.unmap()
+    def write_back(self) -> None:
+        """Flush dirty pages of every block file (fdatasync covers pages
+        written through the mmap)."""
+        for f in list(self.blocks.values()):
+            if f.fd >= 0:
+                os.fdatasync(f.fd)
 
     def digest(self) -> str:
         """Digest of the pages held, computed as the sender computes it."""

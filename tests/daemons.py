@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
 
+from migrated.localrun import WriterProcess
 from migrated.receiver import Receiver, ReceiverConfig
 from migrated.sender import SendConfig, Sender
 from migrated.source import FileSource
@@ -31,17 +30,11 @@ def make_image(path: Path, size: int, *, zero_fraction: float = 0.0, seed: int =
 @contextmanager
 def writer(path: Path, *args: str):
     """The sparse writer (migrated.workload) as a child process, ready when yielded."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrated.workload", str(path), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    w = WriterProcess(path, *args)
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        yield proc
+        yield w
     finally:
-        proc.kill()
-        proc.wait()
+        w.kill()
 
 
 def state(pid: int) -> str:

@@ -2,69 +2,32 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from daemons import image_bytes, make_image, staging_left, state, writer
+from migrated import localrun
 from migrated.records import image_digest, page_hashes
 
 MiB = 1 << 20
-CLI = [sys.executable, "-m", "migrated"]
+CLI = localrun.CLI
 
 
-class ReceiverProcess:
-    """`migrated receive` on 127.0.0.1 port 0; logs go to a file we poll."""
-
+class ReceiverProcess(localrun.ReceiverProcess):
     def __init__(self, tmp: Path, *args: str):
-        self.dir = tmp / "images"
-        self.log = tmp / f"receiver-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(self.dir), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log, "w"),
-        )
-        self.port = int(self.wait_for("listen")["addresses"][0].rsplit(":", 1)[1])
-        self.address = f"127.0.0.1:{self.port}"
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def wait_for(self, event: str, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in self.events():
-                if e.get("event") == event:
-                    return e
-            if self.proc.poll() is not None:
-                raise AssertionError(f"receiver exited {self.proc.returncode}: {self.log.read_text()}")
-            time.sleep(0.02)
-        raise AssertionError(f"no {event!r} in receiver log: {self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
+        super().__init__(tmp / "images", tmp / f"receiver-{time.monotonic_ns()}.log", *args)
 
 
 @pytest.fixture
 def receiver(tmp_path):
     rx = ReceiverProcess(tmp_path)
     yield rx
-    rx.proc.kill()
-    rx.proc.wait()
+    rx.kill()
 
 
 def send(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
