@@ -65,14 +65,22 @@ class PeerError(RemoteError):
 
 @contextlib.contextmanager
 def first_migration_error():
-    """Re-raise a nursery's ExceptionGroup as the first MigrationError in it
-    (one task failing cancels its siblings; the failure is what matters)."""
+    """Re-raise a nursery's ExceptionGroup as the failure inside it: the first
+    MigrationError, else its only exception (one task failing cancels its
+    siblings; the failure is what matters, not the group)."""
     try:
         yield
     except BaseExceptionGroup as group:
         match, _ = group.split(MigrationError)
-        if match is None:
+        leaves = list(_leaves(match if match is not None else group))
+        if match is None and len(leaves) != 1:
             raise
-        while isinstance(match, BaseExceptionGroup):
-            match = match.exceptions[0]
-        raise match from None
+        raise leaves[0] from None
+
+
+def _leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc

@@ -13,7 +13,7 @@ from functools import partial
 import structlog
 import trio
 
-from migrated.errors import LocalError, MigrationError, PeerError, RemoteError
+from migrated.errors import LocalError, MigrationError, PeerError, RemoteError, first_migration_error
 from migrated.protocol import (
     CAP_XBZRLE,
     NEED_DATA,
@@ -185,32 +185,37 @@ class _Session:
         caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
         await self.send(Welcome(caps))
         log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
-        async with trio.open_nursery() as background:
-            while True:
-                event = await self.next_event()
-                if isinstance(event, BlockList):
-                    async with self.files:
-                        self.conn.release_blocks()
-                        buffers = await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
-                        self.conn.set_blocks(buffers)
-                    log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
-                elif isinstance(event, EndOfPass):
-                    self.passes += 1
-                    await self.send(Ack(event.pass_number, self.conn.received_bytes))
-                    log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
-                    if not self.files.locked():
-                        background.start_soon(self.write_back)
-                elif isinstance(event, Complete):
-                    async with self.files:
-                        await self.commit(event.digest)
-                    return
+        with first_migration_error():
+            async with trio.open_nursery() as background:
+                await self.receive_passes(background)
+
+    async def receive_passes(self, background: trio.Nursery) -> None:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, BlockList):
+                async with self.files:
+                    self.conn.release_blocks()
+                    buffers = await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
+                    self.conn.set_blocks(buffers)
+                log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
+            elif isinstance(event, EndOfPass):
+                self.passes += 1
+                await self.send(Ack(event.pass_number, self.conn.received_bytes))
+                log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
+                if not self.files.locked():
+                    background.start_soon(self.write_back)
+            elif isinstance(event, Complete):
+                async with self.files:
+                    await self.commit(event.digest)
+                return
 
     async def write_back(self) -> None:
         """Write the pages applied so far to disk while the next pass
         arrives, so that the commit (inside the sender's downtime) has
         little left to flush."""
         async with self.files:
-            await trio.to_thread.run_sync(self.staging.write_back)
+            if self.staging is not None:
+                await trio.to_thread.run_sync(self.staging.write_back)
 
     def hello(self, hello: Hello) -> None:
         check_page_size(hello.page_size)
