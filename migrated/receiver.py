@@ -34,7 +34,7 @@ from migrated.store import ImageStore, Staging
 
 log = structlog.get_logger("migrated.receiver")
 
-RECEIVE_CHUNK = 1 << 20
+RECEIVE_CHUNK = 4 << 20
 THREAD_THRESHOLD = 64 << 10  # apply in a worker thread above this much buffered data
 
 

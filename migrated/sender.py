@@ -500,6 +500,17 @@ class Sender:
                 "overflow": t.overflow,
                 "passes_off": self.passes_off,
             },
+            "passes": [
+                {
+                    "pass": r.number,
+                    "pages": r.pages,
+                    "wire_bytes": r.wire_bytes,
+                    "seconds": round(r.seconds, 4),
+                    "xbzrle": r.xbzrle,
+                    "xbzrle_pages": r.stats.xbzrle_pages,
+                }
+                for r in self.passes
+            ],
             "digest": self.digest,
             "verified": self.verified,
             "image": self.committed_path,

@@ -102,7 +102,7 @@ class FileSource(Source):
                 log.info("resize_source", path=str(self.path), old=self._size, new=size)
             if isinstance(self._map, mmap.mmap):
                 self._map.close()
-            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) if size else b""
             self._size = size
         return [Block(BlockInfo("ram", size, self.page_size), self._map)]
 

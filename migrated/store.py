@@ -138,7 +138,7 @@ class _BlockFile:
             raise StoreError(f"cannot size {self.path}: {exc.strerror}") from None
         self.alloc = alloc
         self.info = info
-        self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()
+        self.map = mmap.mmap(self.fd, alloc, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if alloc else bytearray()
 
     def unmap(self) -> None:
         if isinstance(self.map, mmap.mmap):

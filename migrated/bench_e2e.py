@@ -1,0 +1,270 @@
+"""End-to-end benchmarks over loopback, as ratios to ceilings measured in
+the same run, and the XBZRLE experiment on a live process.
+
+- ``run_e2e``: pass-0 throughput of a 1 GiB image (40% zero pages, 60%
+  random) through ``migrated send``/``migrated receive`` subprocesses,
+  against a plain socket copy of the same file between the same kind of
+  processes; and the wire bytes of a pass in which 4096 pages have 4 bytes
+  changed each.
+- ``run_experiment``: the original XBZRLE test workload (16 MiB, one byte in
+  every KiB incremented in an endless loop) migrated by pid at several
+  bandwidths with and without XBZRLE, and the load generator's slowdown
+  while it is being migrated.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from migrated.localrun import CLI, ReceiverProcess
+
+MiB = 1 << 20
+E2E_TARGET = 0.9
+WIRE_TARGET = 32
+
+
+def _make_file(path: Path, size: int, zero_fraction: float) -> None:
+    rng = random.Random(7)
+    zero = int(size * zero_fraction) // 4096 * 4096
+    with open(path, "wb") as fh:
+        # interleave zero and random 1 MiB chunks so neither sits in one place
+        left_zero, left_rand = zero, size - zero
+        while left_zero or left_rand:
+            if left_rand and (not left_zero or rng.random() >= zero_fraction):
+                n = min(left_rand, MiB)
+                fh.write(rng.randbytes(n))
+                left_rand -= n
+            else:
+                n = min(left_zero, MiB)
+                fh.write(bytes(n))
+                left_zero -= n
+
+
+_SINK = r"""
+import socket, sys, time
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+buf = bytearray(1 << 20)
+total = 0
+while n := conn.recv_into(buf):
+    total += n
+conn.sendall(b"k")
+print(total, flush=True)
+"""
+
+
+def socket_copy_seconds(path: Path) -> float:
+    """A plain copy of the file over loopback TCP to another process that
+    reads and discards it: sendfile on one side, recv_into on the other."""
+    sink = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+    port = int(sink.stdout.readline())
+    with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as fh:
+        t0 = time.perf_counter()
+        sock.sendfile(fh)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
+        seconds = time.perf_counter() - t0
+    assert int(sink.stdout.readline()) == path.stat().st_size
+    sink.wait()
+    return seconds
+
+
+def migrate_cli(receiver: ReceiverProcess, source: str, name: str, *args: str, timeout: float = 600) -> dict:
+    r = subprocess.run(
+        [*CLI, "send", "--source", source, "--to", receiver.address, "--name", name, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"migrated send exited {r.returncode}: {r.stderr[-2000:]}")
+    return json.loads(r.stdout)
+
+
+def wire_bytes_per_sparse_page() -> dict:
+    """Wire bytes of a pass in which 4096 pages have 4 bytes changed each."""
+    import trio
+
+    from migrated.receiver import Receiver, ReceiverConfig
+    from migrated.records import BlockInfo
+    from migrated.sender import SendConfig, Sender
+    from migrated.source import Block, Source
+
+    class Sparse(Source):
+        description = "memory:sparse"
+
+        def __init__(self):
+            self.buf = bytearray(random.Random(3).randbytes(16 * MiB))
+            self.calls = 0
+
+        def refresh(self):
+            self.calls += 1
+            if self.calls == 2:  # after pass 0: 4 bytes in each of the 4096 pages
+                for pos in range(0, len(self.buf), 1024):
+                    self.buf[pos] = (self.buf[pos] + 1) & 0xFF
+            return [Block(BlockInfo("ram", len(self.buf), 4096), self.buf)]
+
+    async def main():
+        with tempfile.TemporaryDirectory() as tmp:
+            rx = Receiver(ReceiverConfig(tmp))
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rx.serve, listeners)
+                stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+                async with stream:
+                    summary = await Sender(Sparse(), SendConfig("wire", downtime_limit=0, max_iterations=2)).run(stream)
+                nursery.cancel_scope.cancel()
+        return summary
+
+    from migrated import log
+
+    log.configure("json", "warning")
+    summary = trio.run(main)
+    p1 = summary["passes"][1]
+    return {"pages": p1["pages"], "wire_bytes": p1["wire_bytes"], "bytes_per_page": p1["wire_bytes"] / p1["pages"]}
+
+
+def run_e2e(size_mib: int = 1024, repeat: int = 2, progress=None) -> dict:
+    note = progress or (lambda msg: None)
+    with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmp:
+        tmp = Path(tmp)
+        src = tmp / "image.img"
+        note(f"e2e: building a {size_mib} MiB image (40% zero pages, 60% random)")
+        _make_file(src, size_mib * MiB, 0.4)
+        best_copy = min(socket_copy_seconds(src) for _ in range(repeat))
+        size = src.stat().st_size
+        note(f"e2e: socket copy {size / best_copy / 1e6:.0f} MB/s")
+        receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
+        try:
+            best_pass0 = float("inf")
+            summary = None
+            for i in range(repeat):
+                summary = migrate_cli(receiver, f"file:{src}", f"e2e{i}", "--downtime-limit", "10s")
+                best_pass0 = min(best_pass0, summary["passes"][0]["seconds"])
+                shutil.rmtree(receiver.dir / f"e2e{i}", ignore_errors=True)
+        finally:
+            receiver.stop()
+        note(f"e2e: pass 0 {size / best_pass0 / 1e6:.0f} MB/s")
+        wire = wire_bytes_per_sparse_page()
+        note(f"e2e: {wire['bytes_per_page']:.1f} wire bytes per sparse page")
+    return {
+        "image_bytes": size,
+        "socket_copy_mbps": size / best_copy / 1e6,
+        "pass0_mbps": size / best_pass0 / 1e6,
+        "ratio": best_copy / best_pass0,
+        "target": E2E_TARGET,
+        "pass0_wire_bytes": summary["passes"][0]["wire_bytes"],
+        "zero_pages": summary["ram"]["zero_pages"],
+        "sparse_pass": wire,
+        "wire_target": WIRE_TARGET,
+    }
+
+
+def format_e2e(r: dict) -> str:
+    w = r["sparse_pass"]
+    flag = "" if r["ratio"] >= r["target"] else "  BELOW TARGET"
+    wflag = "" if w["bytes_per_page"] <= r["wire_target"] else "  ABOVE TARGET"
+    return "\n".join(
+        [
+            f"end to end over loopback: {r['image_bytes'] >> 20} MiB image, 40% zero pages",
+            f"  socket copy (sendfile -> recv_into)  {r['socket_copy_mbps']:8.0f} MB/s",
+            f"  migrated pass 0                      {r['pass0_mbps']:8.0f} MB/s  "
+            f"x copy {r['ratio']:.2f} (target {r['target']}){flag}",
+            f"  sparse pass: {w['pages']} pages, {w['wire_bytes']} wire bytes, "
+            f"{w['bytes_per_page']:.1f} B/page (target <= {r['wire_target']}){wflag}",
+        ]
+    )
+
+
+def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), max_iterations: int = 5) -> dict:
+    """The XBZRLE experiment on a live process (see migrated.loadgen)."""
+    from migrated import loadgen
+
+    note = progress or (lambda msg: None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="migrated-exp-") as tmp:
+        tmp = Path(tmp)
+        receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
+        try:
+            for bw in bandwidths:
+                for xbzrle in (True, False):
+                    gen = loadgen.start()
+                    try:
+                        args = ["--downtime-limit", "300ms", "--max-iterations", str(max_iterations), "--after", "kill"]
+                        if bw != "unlimited":
+                            args += ["--max-bandwidth", bw]
+                        if not xbzrle:
+                            args.append("--no-xbzrle")
+                        s = migrate_cli(receiver, f"pid:{gen.pid}", f"exp-{bw}-{int(xbzrle)}", *args)
+                    finally:
+                        gen.kill()
+                    row = {
+                        "bandwidth": bw,
+                        "xbzrle": xbzrle,
+                        "status": s["status"],
+                        "converged": s["converged"],
+                        "passes": s["iterations"],
+                        "wire_bytes": s["ram"]["transferred_bytes"],
+                        "total_ms": s["total_time_ms"],
+                        "downtime_ms": s["downtime_ms"],
+                    }
+                    rows.append(row)
+                    note(f"experiment {bw} xbzrle={xbzrle}: {row}")
+                    shutil.rmtree(receiver.dir / f"exp-{bw}-{int(xbzrle)}", ignore_errors=True)
+            slowdown = loadgen_slowdown(receiver)
+        finally:
+            receiver.stop()
+    return {"loadgen": loadgen.describe(), "max_iterations": max_iterations, "rows": rows, "slowdown": slowdown}
+
+
+def loadgen_slowdown(receiver: ReceiverProcess, seconds: float = 2.0) -> dict:
+    """Loops per second of the load generator alone, then while migrated
+    reads and scans it (XBZRLE on, 8M cap, passes forced to keep going)."""
+    from migrated import loadgen
+
+    gen = loadgen.start()
+    try:
+        alone = gen.loops_per_second(seconds)
+        proc = subprocess.Popen(
+            [*CLI, "send", "--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "slowdown",
+             "--max-bandwidth", "8M", "--downtime-limit", "0ms", "--max-iterations", "1000", "--after", "resume",
+             "--json"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(3.0)  # past pass 0: measure during the dirty passes
+        during = gen.loops_per_second(seconds)
+        proc.send_signal(2)
+        proc.wait(timeout=60)
+    finally:
+        gen.kill()
+    return {"alone_loops_per_s": alone, "during_loops_per_s": during, "slowdown": 1 - during / alone}
+
+
+def format_experiment(r: dict) -> str:
+    lines = [
+        f"XBZRLE experiment: {r['loadgen']}, by pid, downtime limit 300 ms, at most {r['max_iterations']} passes",
+        f"  {'bandwidth':<10} {'xbzrle':<6} {'converged':<9} {'passes':>6} {'wire MiB':>9} {'total s':>8} {'downtime ms':>11}",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"  {row['bandwidth']:<10} {'on' if row['xbzrle'] else 'off':<6} {str(row['converged']):<9} "
+            f"{row['passes']:>6} {row['wire_bytes'] / MiB:>9.1f} {row['total_ms'] / 1000:>8.2f} "
+            f"{row['downtime_ms'] if row['downtime_ms'] is not None else '-':>11}"
+        )
+    s = r["slowdown"]
+    lines.append(
+        f"  load generator: {s['alone_loops_per_s']:.0f} loops/s alone, {s['during_loops_per_s']:.0f} during a "
+        f"migration ({s['slowdown']:+.1%} slower)"
+    )
+    return "\n".join(lines)
+
+
