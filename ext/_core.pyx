@@ -252,15 +252,16 @@ def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
     return out
 
 
-def select_pages(const uint64_t[::1] entries, uint64_t mask):
-    """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set."""
+def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
+    """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set,
+    or with none of them set when any_set is False."""
     cdef Py_ssize_t n = entries.shape[0], i, k = 0
     cdef array out = clone(array("Q"), n, False)
     cdef uint64_t[::1] ov = out
     if n:
         with nogil:
             for i in range(n):
-                if entries[i] & mask:
+                if ((entries[i] & mask) != 0) == any_set:
                     ov[k] = i
                     k += 1
     resize(out, k)

@@ -101,9 +101,11 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Complete:
-    """Sender has sent everything; ``digest`` is the image as sent."""
+    """Sender has sent everything; ``digest`` is the image as sent,
+    ``source_info`` facts for the manifest (e.g. mappings left out)."""
 
     digest: str
+    source_info: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +231,7 @@ class Connection:
             case Ack():
                 return frame_control(Control.ACK, {"pass": event.pass_number, "received_bytes": event.received_bytes})
             case Complete():
-                return frame_control(Control.COMPLETE, {"digest": event.digest})
+                return frame_control(Control.COMPLETE, {"digest": event.digest, "source_info": event.source_info or {}})
             case Committed():
                 return frame_control(Control.COMMITTED, {"digest": event.digest, "path": event.path})
             case Failure():
@@ -348,7 +350,10 @@ class Connection:
                 case Control.ACK:
                     return Ack(_field(p, "pass", int), _field(p, "received_bytes", int))
                 case Control.COMPLETE:
-                    return Complete(_field(p, "digest", str))
+                    info = p.get("source_info") or {}
+                    if not isinstance(info, dict):
+                        raise ValueError("field 'source_info' must be an object")
+                    return Complete(_field(p, "digest", str), info)
                 case Control.COMMITTED:
                     return Committed(_field(p, "digest", str), p.get("path", ""))
                 case Control.ERROR:

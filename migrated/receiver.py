@@ -206,7 +206,7 @@ class _Session:
                     background.start_soon(self.write_back)
             elif isinstance(event, Complete):
                 async with self.files:
-                    await self.commit(event.digest)
+                    await self.commit(event.digest, event.source_info)
                 return
 
     async def write_back(self) -> None:
@@ -228,7 +228,7 @@ class _Session:
         self.receiver.busy.add(name)
         self.conn.page_size = hello.page_size
 
-    async def commit(self, digest: str) -> None:
+    async def commit(self, digest: str, source_info: dict | None = None) -> None:
         self.conn.release_blocks()
         held = await trio.to_thread.run_sync(self.staging.digest)
         if held != digest:
@@ -236,7 +236,7 @@ class _Session:
                 f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
                 "nothing was committed"
             )
-        path = await trio.to_thread.run_sync(self.staging.commit, digest)
+        path = await trio.to_thread.run_sync(self.staging.commit, digest, source_info)
         self.staging = None
         self.receiver.completed += 1
         await self.send(Committed(digest, str(path)))

@@ -32,6 +32,7 @@ from migrated.protocol import (
     Complete,
     Connection,
     EndOfPass,
+    Failure,
     Hello,
     Role,
     Welcome,
@@ -202,6 +203,12 @@ class Sender:
         except MigrationError as exc:
             self.status = "cancelled" if isinstance(exc, MigrationCancelled) else "failed"
             self.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
+            if not isinstance(exc, RemoteError):  # tell the receiver why, best effort
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await stream.send_all(self.conn.frame(Failure(exc.code, str(exc))))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                        pass
             raise
         finally:
             self.finished = trio.current_time()
@@ -436,7 +443,7 @@ class Sender:
             plan = await self._plan(first=False, stream=stream, extra=extra)
             report = await self._send_pass(stream, pass_no, plan, first=False, final=True)
             self.digest = records.image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
-            await self._write(stream, self.conn.send(Complete(self.digest)))
+            await self._write(stream, self.conn.send(Complete(self.digest, self.source.info())))
             log.info(
                 "send_final_pass",
                 **{"pass": pass_no},
@@ -516,6 +523,7 @@ class Sender:
             "image": self.committed_path,
             "source": self.source.description,
             "dirty_tracking": self.source.tracking,
+            "source_info": self.source.info(),
         }
         if self.error:
             summary["error"] = self.error

@@ -209,7 +209,7 @@ class Staging:
                 entries.append((bid, f.info.length, page_hashes(mv[: f.info.length], self.page_size)))
         return image_digest(entries)
 
-    def commit(self, digest: str) -> Path:
+    def commit(self, digest: str, source_info: dict | None = None) -> Path:
         """Make this the committed image of its name, atomically and durably."""
         blocks = []
         for bid in self.order:
@@ -224,6 +224,7 @@ class Staging:
         manifest = {
             "name": self.name,
             "source": self.source,
+            "source_info": source_info or {},
             "blocks": blocks,
             "digest": digest,
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

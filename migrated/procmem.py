@@ -1,0 +1,362 @@
+"""A live process as a migration source, read through /proc.
+
+Blocks are the process's private writable mappings (heap, stack, anonymous
+memory, writable private file mappings such as .data/.bss). Each pass copies
+them into private buffers of ours with ``process_vm_readv`` in batches of up
+to 1024 ranges, falling back to ``pread`` on ``/proc/PID/mem`` for ranges it
+cannot read (PROT_NONE). Anonymous pages that ``/proc/PID/pagemap`` reports
+neither present nor swapped are zero and are not read.
+
+Dirty tracking: where the kernel has soft-dirty bits (found by a probe on a
+page of our own, never assumed) a pre-copy pass reads only the pages marked
+soft-dirty since the last pass; otherwise every present page is read and the
+hash scan finds what changed. The final pass, with the process frozen,
+always reads every present page, so the committed image is exact either way.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+from array import array
+from dataclasses import dataclass
+
+import structlog
+
+from migrated import records
+from migrated.freeze import Freezer, ProcessGone, permission_message
+from migrated.records import BlockInfo
+from migrated.source import Block, Source, SourceError
+
+log = structlog.get_logger("migrated.procmem")
+
+PAGE = mmap.PAGESIZE
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_SOFT_DIRTY = 1 << 55
+IOV_MAX = 1024
+SKIPPED_NAMES = {"[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]", "[uprobes]"}
+_MAPS_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ([r-][w-][x-][ps]) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$"
+)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0 and (not self.path or self.path.startswith("["))
+
+    @property
+    def block_id(self) -> str:
+        if self.path in ("[heap]", "[stack]"):
+            return self.path
+        return f"{self.start:x}:{self.path or 'anon'}"[:255]
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    out = []
+    for line in text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if m:
+            start, end, perms, off, _dev, inode, path = m.groups()
+            out.append(Mapping(int(start, 16), int(end, 16), perms, int(off, 16), int(inode), path.strip()))
+    return out
+
+
+def select_mappings(maps: list[Mapping]) -> tuple[list[Mapping], list[dict]]:
+    """The mappings to migrate, and the others with the reason each is left out."""
+    chosen, left_out = [], []
+    for m in maps:
+        why = None
+        if m.path in SKIPPED_NAMES:
+            why = "kernel page"
+        elif m.path.startswith("/dev/") and not m.path.startswith("/dev/zero"):
+            why = "device memory"
+        elif m.perms[3] == "s":
+            why = "shared mapping"
+        elif m.perms[1] != "w":
+            why = "read-only mapping"
+        if why:
+            left_out.append({"start": m.start, "length": m.length, "perms": m.perms, "path": m.path, "reason": why})
+        else:
+            chosen.append(m)
+    return chosen, left_out
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            text = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(f"process {pid} exited during the migration") from None
+    maps = parse_maps(text)
+    if not maps:
+        raise ProcessGone(f"process {pid} exited during the migration (no mappings left)")
+    return maps
+
+
+def soft_dirty_supported() -> tuple[bool, str]:
+    """Probe the kernel: clear our own soft-dirty bits, write a page of ours,
+    and see whether pagemap marks it."""
+    m = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m[0] = 1
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("4")
+        except OSError as exc:
+            return False, f"cannot write /proc/self/clear_refs: {exc.strerror}"
+        m[0] = 2
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            (entry,) = array("Q", os.pread(fd, 8, addr // PAGE * 8))
+        finally:
+            os.close(fd)
+        if entry & PM_SOFT_DIRTY:
+            return True, "the kernel marks written pages soft-dirty"
+        return False, "this kernel has no soft-dirty page tracking (CONFIG_MEM_SOFT_DIRTY is unset)"
+    finally:
+        m.close()
+
+
+def pages_to_read(entries: array, *, anonymous: bool, soft_dirty_only: bool) -> tuple[array, array]:
+    """From a block's pagemap entries: (pages to read, pages known to be zero).
+
+    Anonymous pages neither present nor swapped are zero. A file-backed
+    private page that is not present still holds the file's bytes, so it is
+    read. With ``soft_dirty_only`` only soft-dirty pages are read."""
+    if anonymous:
+        absent = records.select_pages(entries, PM_PRESENT | PM_SWAPPED, False)
+        mask = PM_SOFT_DIRTY if soft_dirty_only else PM_PRESENT | PM_SWAPPED
+        return records.select_pages(entries, mask), absent
+    if soft_dirty_only:
+        return records.select_pages(entries, PM_SOFT_DIRTY), array("Q")
+    return records.page_range(0, len(entries)), array("Q")
+
+
+class _Buffer:
+    """Our private copy of one mapping."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.filled = False
+
+    def zero_runs(self, runs: array) -> None:
+        for i in range(0, len(runs), 2):
+            self.map.madvise(mmap.MADV_DONTNEED, runs[i] * PAGE, runs[i + 1] * PAGE)
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class ProcessSource(Source):
+    def __init__(self, pid: int, tracking: str = "auto", after: str = "stop", page_size: int = 4096):
+        if page_size != PAGE:
+            raise SourceError(f"a process source uses the machine's page size ({PAGE}), not {page_size}")
+        self.pid = pid
+        self.requested_tracking = tracking
+        self.after = after
+        self.page_size = page_size
+        self.description = f"pid:{pid}"
+        self.tracking = "scan"
+        self.freezer = Freezer(pid)
+        self.frozen = False
+        self.freeze_method = ""
+        self.left_out: list[dict] = []
+        self.unreadable_pages = 0
+        self._buffers: dict[str, _Buffer] = {}
+        self._mem = -1
+        self._pagemap = -1
+
+    # -- set-up ----------------------------------------------------------
+
+    def open(self) -> None:
+        if not os.path.exists(f"/proc/{self.pid}"):
+            raise SourceError(f"no process with pid {self.pid}")
+        try:
+            self._mem = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise SourceError(permission_message(self.pid, "read the memory of")) from None
+        except FileNotFoundError:
+            raise SourceError(f"no process with pid {self.pid}") from None
+        supported, why = soft_dirty_supported()
+        if self.requested_tracking == "soft-dirty" and not supported:
+            raise SourceError(f"--dirty-tracking soft-dirty: {why}; use --dirty-tracking scan (or auto)")
+        self.tracking = "soft-dirty" if supported and self.requested_tracking != "scan" else "scan"
+        log.info("choose_dirty_tracking", pid=self.pid, tracking=self.tracking, reason=why,
+                 requested=self.requested_tracking)
+
+    # -- each pass -------------------------------------------------------
+
+    def refresh(self) -> list[Block]:
+        maps = read_maps(self.pid)
+        chosen, left_out = select_mappings(maps)
+        if left_out != self.left_out:
+            for item in left_out:
+                if item not in self.left_out:
+                    log.debug("leave_out_mapping", **item)
+            self.left_out = left_out
+        soft = self.tracking == "soft-dirty" and not self.frozen
+        blocks = []
+        seen = set()
+        pagemaps = {m.block_id: self._pagemap_of(m) for m in chosen}
+        if soft:
+            self._clear_soft_dirty()
+        for m in chosen:
+            bid = m.block_id
+            seen.add(bid)
+            buf = self._buffers.get(bid)
+            if buf is None or buf.length != m.length:
+                if buf is not None:
+                    buf.close()
+                buf = self._buffers[bid] = _Buffer(m.length)
+            read, absent = pages_to_read(pagemaps[bid], anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
+            if buf.filled and len(absent):
+                buf.zero_runs(records.page_runs(absent))
+            self._read(m, buf, records.page_runs(read))
+            buf.filled = True
+            info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
+            blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), buf.map))
+        for gone in set(self._buffers) - seen:
+            self._buffers.pop(gone).close()
+        return blocks
+
+    def _pagemap_of(self, m: Mapping) -> array:
+        n = m.length // PAGE
+        try:
+            data = os.pread(self._pagemap, 8 * n, m.start // PAGE * 8)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(f"process {self.pid} exited during the migration") from None
+            raise SourceError(f"cannot read the pagemap of process {self.pid}: {exc.strerror}") from None
+        entries = array("Q")
+        entries.frombytes(data[: len(data) // 8 * 8])
+        if len(entries) < n:  # the mapping shrank meanwhile: treat the rest as absent
+            entries.frombytes(bytes(8 * (n - len(entries))))
+        return entries
+
+    def _clear_soft_dirty(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as fh:
+                fh.write("4")
+        except FileNotFoundError:
+            raise ProcessGone(f"process {self.pid} exited during the migration") from None
+
+    def _read(self, m: Mapping, buf: _Buffer, runs: array) -> None:
+        """Copy the page runs (first, count) of mapping ``m`` into ``buf``."""
+        nruns = len(runs) // 2
+        for b in range(0, nruns, IOV_MAX):
+            k = min(IOV_MAX, nruns - b)
+            local = (_Iovec * k)()
+            remote = (_Iovec * k)()
+            total = 0
+            for j in range(k):
+                off, length = runs[2 * (b + j)] * PAGE, runs[2 * (b + j) + 1] * PAGE
+                local[j].iov_base, local[j].iov_len = buf.addr + off, length
+                remote[j].iov_base, remote[j].iov_len = m.start + off, length
+                total += length
+            got = _libc.process_vm_readv(self.pid, local, k, remote, k, 0)
+            if got == total:
+                continue
+            if got < 0:
+                e = ctypes.get_errno()
+                if e == errno.ESRCH:
+                    raise ProcessGone(f"process {self.pid} exited during the migration")
+                if e == errno.EPERM:
+                    raise SourceError(permission_message(self.pid, "read the memory of"))
+                got = 0  # EFAULT and friends: the first range failed; fall back below
+            # fall back to /proc/PID/mem from where process_vm_readv stopped
+            done = 0
+            for j in range(k):
+                length = local[j].iov_len
+                if done + length <= got:
+                    done += length
+                    continue
+                skip = max(0, got - done)
+                off = local[j].iov_base - buf.addr
+                self._pread(m, buf, off + skip, length - skip)
+                done += length
+
+    def _pread(self, m: Mapping, buf: _Buffer, off: int, length: int) -> None:
+        view = memoryview(buf.map)
+        try:
+            n = os.preadv(self._mem, [view[off : off + length]], m.start + off)
+            if n == length:
+                return
+            off, length = off + n, length - n
+        except OSError:
+            pass
+        for p in range(off, off + length, PAGE):  # page by page: only what failed as a range
+            try:
+                if os.preadv(self._mem, [view[p : p + PAGE]], m.start + p) == PAGE:
+                    continue
+            except OSError as exc:
+                if exc.errno == errno.ESRCH or not os.path.exists(f"/proc/{self.pid}"):
+                    raise ProcessGone(f"process {self.pid} exited during the migration") from None
+            view[p : p + PAGE] = bytes(PAGE)
+            self.unreadable_pages += 1
+        view.release()
+
+    # -- final pass --------------------------------------------------------
+
+    def freeze(self) -> None:
+        self.freeze_method = self.freezer.freeze()
+        self.frozen = True
+
+    def thaw(self, succeeded: bool) -> None:
+        after = self.after if succeeded else "resume"
+        self.freezer.release(after)
+        self.frozen = False
+
+    def info(self) -> dict:
+        return {
+            "pid": self.pid,
+            "dirty_tracking": self.tracking,
+            "freeze": self.freeze_method,
+            "after": self.after,
+            "unreadable_pages": self.unreadable_pages,
+            "left_out": self.left_out,
+        }
+
+    def close(self) -> None:
+        for buf in self._buffers.values():
+            buf.close()
+        self._buffers.clear()
+        for fd in (self._mem, self._pagemap):
+            if fd >= 0:
+                os.close(fd)
+        self._mem = self._pagemap = -1
