@@ -100,7 +100,7 @@ def select_mappings(maps: list[Mapping]) -> tuple[list[Mapping], list[dict]]:
         why = None
         if m.path in SKIPPED_NAMES:
             why = "kernel page"
-        elif m.path.startswith("/dev/") and not m.path.startswith("/dev/zero"):
+        elif m.path.startswith("/dev/") and not m.path.startswith(("/dev/zero", "/dev/shm/")):
             why = "device memory"
         elif m.perms[3] == "s":
             why = "shared mapping"

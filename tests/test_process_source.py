@@ -1,0 +1,358 @@
+"""Migrating live processes by pid: real children, read through /proc."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from array import array
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemons import migrate, running_receiver, state
+from migrated import loadgen
+from migrated.errors import MigrationError, first_migration_error
+from migrated.localrun import CLI, ReceiverProcess
+from migrated.procmem import (
+    PM_PRESENT,
+    PM_SOFT_DIRTY,
+    PM_SWAPPED,
+    ProcessSource,
+    pages_to_read,
+    parse_maps,
+    select_mappings,
+    soft_dirty_supported,
+)
+from migrated.source import SourceError
+
+MiB = 1 << 20
+
+# A child that owns an anonymous private mapping A (pattern 0xA1) and keeps
+# writing to a 4 MiB work buffer; on SIGUSR1 it maps B (pattern 0xB2) and
+# unmaps A. It prints the addresses of A (at start) and B (after SIGUSR1).
+CHILD = textwrap.dedent(
+    """
+    import ctypes, mmap, signal, sys
+    P = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    def addr(m): return ctypes.addressof(ctypes.c_char.from_buffer(m))
+    a = mmap.mmap(-1, 3 * 4096 * 16, flags=P); a.write(b"\\xa1" * len(a))
+    work = mmap.mmap(-1, 4 << 20, flags=P)
+    maps = {"a": a}
+    def swap(signum, frame):
+        b = mmap.mmap(-1, 5 * 4096 * 16, flags=P); b.write(b"\\xb2" * len(b))
+        maps["b"] = b
+        print(f"b={addr(b):x}", flush=True)
+        maps.pop("a").close()
+    signal.signal(signal.SIGUSR1, swap)
+    print(f"ready a={addr(a):x} work={addr(work):x}", flush=True)
+    i = 0
+    while True:
+        i = (i + 4097) % len(work)
+        work[i] = (work[i] + 1) & 255
+    """
+)
+
+
+class Child:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        assert line[0] == "ready", line
+        f = dict(x.split("=") for x in line[1:])
+        self.pid = self.proc.pid
+        self.a = int(f["a"], 16)
+
+    def read(self, addr: int, n: int) -> bytes:
+        with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as fh:
+            fh.seek(addr)
+            return fh.read(n)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def child():
+    c = Child()
+    yield c
+    c.kill()
+
+
+def manifest(images: Path, name: str) -> dict:
+    return json.loads((images / name / "manifest.json").read_text())
+
+
+async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child):
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        source = ProcessSource(child.pid, after="stop")
+        summary = await migrate(rx.port, source, name="proc", max_bandwidth=64 * MiB, downtime_limit=0.002,
+                                max_iterations=3)
+    assert summary["status"] == "completed" and summary["verified"]
+    assert summary["iterations"] == 4  # pass 0, two dirty passes, the final pass
+    assert summary["passes"][1]["pages"] > 0  # the work buffer really was being written
+    assert state(child.pid) == "T"  # --after stop: left stopped, memory now lives at the destination
+    m = manifest(images, "proc")
+    assert m["source_info"]["dirty_tracking"] in ("scan", "soft-dirty")
+    assert m["source_info"]["freeze"] == "ptrace"
+    assert any(b["id"] == "[heap]" for b in m["blocks"])
+    reasons = {item["reason"] for item in m["source_info"]["left_out"]}
+    assert "read-only mapping" in reasons
+    for block in m["blocks"]:
+        image = (images / "proc" / block["file"]).read_bytes()
+        assert len(image) == block["length"]
+        assert image == child.read(block["start"], block["length"]), block["id"]
+
+
+async def test_mappings_created_and_removed_mid_migration(tmp_path, child):
+    images = tmp_path / "images"
+    from migrated.sender import SendConfig, Sender
+
+    async with running_receiver(images) as rx:
+        source = ProcessSource(child.pid, after="resume")
+        source.open()
+        sender = Sender(source, SendConfig("maps", max_bandwidth=64 * MiB, downtime_limit=0.001, max_iterations=4))
+        stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def swap_after_pass0():
+                    while not sender.passes:
+                        await trio.sleep(0.005)
+                    os.kill(child.pid, signal.SIGUSR1)
+
+                nursery.start_soon(swap_after_pass0)
+                summary = await sender.run(stream)
+        source.close()
+    assert summary["status"] == "completed"
+    b = int(child.proc.stdout.readline().strip().split("=")[1], 16)
+    blocks = {blk["start"]: blk for blk in manifest(images, "maps")["blocks"]}
+    assert child.a not in blocks, "the unmapped block must be gone"
+    assert b in blocks, "the new mapping must be a block"
+    assert (images / "maps" / blocks[b]["file"]).read_bytes() == b"\xb2" * (5 * 4096 * 16)
+    assert state(child.pid) != "T"  # --after resume
+
+
+async def test_child_exiting_mid_migration_fails_cleanly(tmp_path, child):
+    images = tmp_path / "images"
+    from migrated.sender import SendConfig, Sender
+
+    async with running_receiver(images) as rx:
+        source = ProcessSource(child.pid)
+        source.open()
+        sender = Sender(source, SendConfig("gone", max_bandwidth=64 * MiB, downtime_limit=0.001))
+        stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
+        with trio.fail_after(60), pytest.raises(MigrationError) as info, first_migration_error():
+            async with trio.open_nursery() as nursery:
+
+                async def kill_after_pass0():
+                    while not sender.passes:
+                        await trio.sleep(0.005)
+                    child.kill()
+
+                nursery.start_soon(kill_after_pass0)
+                await sender.run(stream)
+        source.close()
+        with trio.fail_after(10):
+            while rx.failed == 0:
+                await trio.sleep(0.01)
+    assert info.value.code == "process-exited"
+    assert "exited during the migration" in str(info.value)
+    assert not (images / "gone").exists()
+    assert [n for n in os.listdir(images) if "staging" in n] == []
+
+
+class _FailsWhenFrozen(ProcessSource):
+    def refresh(self):
+        if self.frozen:
+            raise SourceError("injected failure after the freeze")
+        return super().refresh()
+
+
+async def test_failure_after_the_freeze_resumes_the_process(tmp_path, child):
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        with pytest.raises(SourceError, match="injected"):
+            await migrate(rx.port, _FailsWhenFrozen(child.pid, after="stop"), name="inj")
+    assert state(child.pid) in ("R", "S")  # running again, not stopped or traced
+    before = child.read(child.a, 16)
+    assert before == b"\xa1" * 16
+    assert not (images / "inj").exists()
+
+
+async def test_after_kill(tmp_path, child):
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        summary = await migrate(rx.port, ProcessSource(child.pid, after="kill"), name="k")
+    assert summary["status"] == "completed"
+    assert child.proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_no_such_process_and_bad_tracking(tmp_path):
+    with pytest.raises(SourceError, match="no process with pid"):
+        ProcessSource(999999999).open()
+    supported, why = soft_dirty_supported()
+    c = Child()
+    try:
+        src = ProcessSource(c.pid, tracking="soft-dirty")
+        if supported:
+            src.open()
+            assert src.tracking == "soft-dirty"
+        else:
+            with pytest.raises(SourceError, match="soft-dirty.*use --dirty-tracking scan"):
+                src.open()
+        src.close()
+        auto = ProcessSource(c.pid)
+        auto.open()
+        assert auto.tracking == ("soft-dirty" if supported else "scan")
+        auto.close()
+    finally:
+        c.kill()
+
+
+def test_this_kernel_reports_its_soft_dirty_support_with_a_reason():
+    supported, why = soft_dirty_supported()
+    assert isinstance(supported, bool) and why
+    if not supported:
+        assert "CONFIG_MEM_SOFT_DIRTY" in why or "clear_refs" in why
+
+
+def test_pages_to_read_from_recorded_pagemap_entries():
+    # eight pages as pagemap reports them: present, absent, swapped, present+soft-dirty, ...
+    entries = array("Q", [
+        PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_SOFT_DIRTY,
+        0, PM_PRESENT | PM_SOFT_DIRTY, PM_SWAPPED | PM_SOFT_DIRTY, PM_PRESENT | 0x1234,
+    ])
+    read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=False)
+    assert list(read) == [0, 2, 3, 5, 6, 7] and list(zero) == [1, 4]
+    read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=True)
+    assert list(read) == [3, 5, 6] and list(zero) == [1, 4]
+    read, zero = pages_to_read(entries, anonymous=False, soft_dirty_only=False)
+    assert list(read) == list(range(8)) and list(zero) == []  # file pages hold the file's bytes
+    read, _ = pages_to_read(entries, anonymous=False, soft_dirty_only=True)
+    assert list(read) == [3, 5, 6]
+
+
+RECORDED_MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234 /usr/bin/prog
+55d0c0c00000-55d0c0c01000 rw-p 00001000 08:01 1234 /usr/bin/prog
+55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000100000 rw-s 00000000 00:05 77 /dev/shm/shared
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+7f0000300000-7f0000301000 ---p 00000000 00:00 0
+7f0000400000-7f0000401000 rw-s 00000000 00:06 88 /dev/fb0
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+7ffd00100000-7ffd00104000 r--p 00000000 00:00 0 [vvar]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
+"""
+
+
+def test_mapping_selection_from_recorded_maps():
+    chosen, left_out = select_mappings(parse_maps(RECORDED_MAPS))
+    assert [m.block_id for m in chosen] == [
+        "55d0c0c00000:/usr/bin/prog", "[heap]", "7f0000200000:anon", "[stack]",
+    ]
+    reasons = {o["path"] or f"{o['start']:x}": o["reason"] for o in left_out}
+    assert reasons["/usr/bin/prog"] == "read-only mapping"
+    assert reasons["/dev/shm/shared"] == "shared mapping"
+    assert reasons["/dev/fb0"] == "device memory"
+    assert reasons["[vvar]"] == "kernel page" and reasons["[vsyscall]"] == "kernel page"
+    assert reasons["7f0000300000"] == "read-only mapping"  # PROT_NONE guard
+    assert chosen[0].anonymous is False and chosen[1].anonymous is True
+
+
+# -- the original experiment through the CLI ----------------------------------
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    rx = ReceiverProcess(tmp_path / "images", tmp_path / "receiver.log")
+    yield rx
+    rx.kill()
+
+
+def send(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "send", *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", [False, True], ids=["c-loadgen", "python-loadgen"])
+def test_experiment_converges_with_xbzrle(receiver, python):
+    gen = loadgen.start(python=python)
+    try:
+        r = send("--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "exp", "--max-bandwidth", "8M",
+                 "--downtime-limit", "300ms", "--json")
+        assert r.returncode == 0, r.stderr
+        s = json.loads(r.stdout)
+        assert s["converged"] and s["downtime_ms"] is not None
+        assert state(gen.pid) == "T"
+        m = manifest(receiver.dir, "exp")
+        block = next(b for b in m["blocks"] if b["start"] <= gen.buf < b["start"] + b["length"])
+        image = (receiver.dir / "exp" / block["file"]).read_bytes()
+        off = gen.buf - block["start"]
+        assert image[off : off + gen.size] == gen.buffer()  # the stopped process's buffer, byte for byte
+    finally:
+        gen.kill()
+
+
+@pytest.mark.slow
+def test_experiment_does_not_converge_without_xbzrle(receiver):
+    gen = loadgen.start()
+    try:
+        r = send("--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "exp", "--max-bandwidth", "8M",
+                 "--downtime-limit", "300ms", "--max-iterations", "2", "--no-xbzrle", "--after", "kill", "--json")
+        assert r.returncode == 0, r.stderr
+        s = json.loads(r.stdout)
+        assert not s["converged"] and s["iterations"] == 3
+        assert s["downtime_ms"] > 300
+    finally:
+        gen.kill()
+
+
+def test_python_loadgen_when_there_is_no_compiler(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CC", raising=False)
+    exe, reason = loadgen.build()
+    assert exe is None and "no C compiler" in reason
+    gen = loadgen.LoadGen()
+    try:
+        assert gen.kind == "python"
+        assert gen.loops_per_second(0.3) > 0
+        buf = gen.buffer()
+        assert len(buf) == 16 * MiB and any(buf[::1024])
+    finally:
+        gen.kill()
+
+
+def _nobody_can_run_migrated() -> str | None:
+    if os.geteuid() != 0:
+        return "the test needs root to start a root-owned child and drop to nobody"
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                        sys.executable, "-c", "import migrated._core"], capture_output=True)
+    if r.returncode != 0:
+        return "user nobody cannot run this Python or import migrated from this checkout"
+    return None
+
+
+def test_permission_denied_as_nobody(receiver, child):
+    reason = _nobody_can_run_migrated()
+    if reason:
+        pytest.skip(reason)
+    r = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *CLI, "send",
+         "--source", f"pid:{child.pid}", "--to", receiver.address, "--name", "denied"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "failed (sender)" in last and "permission denied" in last
+    assert "belongs to uid 0" in last and ("root" in last or "CAP_SYS_PTRACE" in last)
+    assert state(child.pid) in ("R", "S")
