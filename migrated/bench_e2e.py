@@ -184,7 +184,7 @@ def format_e2e(r: dict) -> str:
     )
 
 
-def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), max_iterations: int = 5) -> dict:
+def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), max_iterations: int = 3) -> dict:
     """The XBZRLE experiment on a live process (see migrated.loadgen)."""
     from migrated import loadgen
 
