@@ -714,17 +714,10 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef ptrdiff_t r
     cdef bint first = True
     cdef bint use_cache = cache.max_entries > 0
+    cdef uint8_t *pg
     with nogil:
         for i in range(n):
             p = pages[i]
-            avail = length - <Py_ssize_t>p * ps
-            if avail >= ps:
-                memcpy(snap, &block[p * ps], ps)
-            else:
-                memcpy(snap, &block[p * ps], avail)
-                memset(snap + avail, 0, ps - avail)
-            if with_hashes:
-                hv[p] = xb_page_hash(snap, ps)
             key = (block_index << 40) | p
             flags = 0 if first else F_CONTINUE
             hdr = d
@@ -733,13 +726,26 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                 out[d] = <uint8_t>idlen
                 memcpy(out + d + 1, idp, idlen)
                 d += 1 + idlen
-            if xb_is_uniform(snap, ps):
+            # The private snapshot of the page is taken straight into the
+            # output, where a PAGE record carries it: a raw page is copied
+            # once. Only a delta needs a second copy (the delta is written
+            # over that place).
+            pg = out + d
+            avail = length - <Py_ssize_t>p * ps
+            if avail >= ps:
+                memcpy(pg, &block[p * ps], ps)
+            else:
+                memcpy(pg, &block[p * ps], avail)
+                memset(pg + avail, 0, ps - avail)
+            if with_hashes:
+                hv[p] = xb_page_hash(pg, ps)
+            if xb_is_uniform(pg, ps):
                 flags |= F_ZERO
-                out[d] = snap[0]
+                # out[d] is pg[0] already: the fill byte
                 d += 1
                 c_zero += 1
                 if use_cache:
-                    cache.store(key, NULL, snap[0])
+                    cache.store(key, NULL, pg[0])
             else:
                 e = -1
                 if use_cache and (options & OPT_LOOKUP):
@@ -748,6 +754,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                     if e < 0:
                         c_miss += 1
                 if e >= 0 and (options & OPT_XBZRLE):
+                    memcpy(snap, pg, ps)
                     r = xb_encode(cache.data(e), snap, ps, out + d + 3, limit)
                     if r == 0:
                         # the receiver already holds exactly this page
@@ -766,21 +773,20 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                     else:
                         c_overflow += 1
                         flags |= F_PAGE
-                        memcpy(out + d, snap, ps)
+                        memcpy(out + d, snap, ps)  # the failed delta wrote over it
                         d += ps
                         c_normal += 1
                 else:
                     flags |= F_PAGE
-                    memcpy(out + d, snap, ps)
-                    d += ps
-                    c_normal += 1
                     if use_cache:
                         if options & OPT_INSERT and options & OPT_XBZRLE:
-                            cache.store(key, snap, 0)
+                            cache.store(key, pg, 0)
                         else:
                             # a page sent raw with the cache unused: a stale
                             # cached copy would corrupt a later delta
                             cache.remove(key)
+                    d += ps
+                    c_normal += 1
             _put_be64(out + hdr, (<uint64_t>p * ps) | flags)
             first = False
     free(snap)

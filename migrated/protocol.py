@@ -32,6 +32,7 @@ from migrated import _core
 from migrated.errors import PeerError, ProtocolError
 from migrated.records import (
     AT_CONTROL,
+    NEED_DATA as NEED_DATA_REASON,
     Applier,
     BlockInfo,
     Control,
@@ -46,6 +47,8 @@ MAGIC = b"MIGRATED"
 VERSION = 1
 _PREAMBLE = struct.Struct(">8sI")
 PREAMBLE = _PREAMBLE.pack(MAGIC, VERSION)
+# longest page record: header, block id, XBZRLE header, a 16 KiB page
+_MAX_PAGE_RECORD = 8 + 1 + 255 + 3 + 16384
 
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
@@ -187,7 +190,9 @@ class Connection:
         self.peer_version: int | None = None
         self.capabilities: tuple[str, ...] = ()
         self.received_bytes = 0  # bytes taken from the peer, preamble included
-        self._buf = bytearray()
+        self._buf = bytearray()  # unconsumed bytes before _chunk[_pos:]
+        self._chunk: bytes | None = None
+        self._pos = 0
         self._preamble_sent = False
         self._applier: Applier | None = None
         self._blocks_known = False
@@ -252,7 +257,7 @@ class Connection:
         as ``[(id: bytes, buffer)]`` in any order."""
         if self._applier is None:
             self._applier = Applier(self.page_size)
-            self._applier.skip(self.received_bytes - len(self._buf))
+            self._applier.skip(self.received_bytes - self.buffered)
             self._applier.allow_xbzrle = CAP_XBZRLE in self.capabilities
         self._applier.set_blocks(buffers)
         self._blocks_known = True
@@ -274,13 +279,52 @@ class Connection:
             "xbzrle_bytes": a.xbzrle_bytes,
         }
 
-    def receive_data(self, data) -> None:
-        self._buf += data
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the peer. The latest chunk is kept as it is (not
+        copied into the buffer) so page records can be applied from it."""
+        self._merge()
+        self._chunk = data
+        self._pos = 0
         self.received_bytes += len(data)
+
+    def _merge(self) -> None:
+        if self._chunk is not None:
+            self._buf += memoryview(self._chunk)[self._pos :]
+            self._chunk = None
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + (len(self._chunk) - self._pos if self._chunk is not None else 0)
+
+    def _apply_pages(self) -> int:
+        """Apply the page records at the front of the unconsumed stream
+        (``_buf`` then ``_chunk[_pos:]``). A record cut by a chunk boundary is
+        completed in ``_buf`` with just enough of the next chunk; the rest of
+        a chunk is applied where it lies."""
+        apply = self._applier.apply
+        if self._buf:
+            old = len(self._buf)
+            if self._chunk is not None:
+                take = min(_MAX_PAGE_RECORD, len(self._chunk) - self._pos)
+                self._buf += memoryview(self._chunk)[self._pos : self._pos + take]
+            with memoryview(self._buf) as mv:
+                consumed, reason = apply(mv)
+            if self._chunk is None or consumed < old:
+                if self._chunk is not None:
+                    self._pos += take
+                del self._buf[:consumed]
+                return reason
+            self._pos += consumed - old
+            self._buf.clear()
+            if reason == AT_CONTROL:
+                return reason
+        if self._chunk is None:
+            return NEED_DATA_REASON
+        consumed, reason = apply(memoryview(self._chunk)[self._pos :])
+        self._pos += consumed
+        if reason != AT_CONTROL:
+            self._merge()  # an incomplete record's head waits in the buffer
+        return reason
 
     def next_event(self):
         """The next event from the peer, or NEED_DATA.
@@ -291,6 +335,7 @@ class Connection:
         and ``PeerError`` when the peer reports a failure.
         """
         if self.peer_version is None:
+            self._merge()
             if len(self._buf) < _PREAMBLE.size:
                 if self._buf and not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
                     raise ProtocolError("peer does not speak the migrated protocol (bad magic)")
@@ -303,17 +348,13 @@ class Connection:
             if version != VERSION:
                 raise VersionError(f"peer speaks protocol version {version}, this migrated speaks {VERSION}")
         while True:
+            if self.role is Role.RECEIVER and self.state is State.RUNNING and self._blocks_known:
+                if self._apply_pages() != AT_CONTROL:
+                    return NEED_DATA
+            self._merge()
             if not self._buf:
                 return NEED_DATA
             stream_offset = self.received_bytes - len(self._buf)
-            if self.role is Role.RECEIVER and self.state is State.RUNNING and self._blocks_known:
-                with memoryview(self._buf) as mv:
-                    consumed, reason = self._applier.apply(mv)
-                if consumed:
-                    del self._buf[:consumed]
-                if reason != AT_CONTROL:
-                    return NEED_DATA
-                stream_offset = self.received_bytes - len(self._buf)
             with memoryview(self._buf) as mv:
                 rec = parse_record(mv, stream_offset)
             if rec is None:

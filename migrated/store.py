@@ -219,6 +219,8 @@ class Staging:
             f.unmap()
             os.ftruncate(f.fd, f.info.length)
             os.fsync(f.fd)
+            # the image is on disk now: leave the page cache to whoever reads it
+            os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
             blocks.append({"id": bid, "length": f.info.length, "page_size": f.info.page_size,
                            "file": f.path.name, **f.info.info})
         manifest = {
