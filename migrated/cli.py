@@ -173,8 +173,11 @@ def _send(args: argparse.Namespace) -> int:
             print(f"migrated: send {summary['status']} ({side}): {code}: {exc}", file=sys.stderr)
 
     async def main() -> int:
+        import structlog
+
         from migrated.store import check_name
 
+        structlog.contextvars.bind_contextvars(migration=args.name, peer=args.to)
         try:
             check_name(args.name)
         except ValueError as exc:

@@ -226,9 +226,12 @@ class ProcessSource(Source):
         maps = read_maps(self.pid)
         chosen, left_out = select_mappings(maps)
         if left_out != self.left_out:
-            for item in left_out:
-                if item not in self.left_out:
-                    log.debug("leave_out_mapping", **item)
+            new = [item for item in left_out if item not in self.left_out]
+            reasons: dict[str, int] = {}
+            for item in new:
+                reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+            log.info("leave_out_mappings", pid=self.pid, by_reason=reasons,
+                     kernel_and_device=[i["path"] for i in new if i["reason"] in ("kernel page", "device memory")])
             self.left_out = left_out
         soft = self.tracking == "soft-dirty" and not self.frozen
         blocks = []

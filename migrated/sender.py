@@ -138,6 +138,7 @@ class Sender:
         self.setup_seconds = 0.0
         self.finished: float | None = None
         self.dirty_rate = 0.0
+        self.remaining_pages = 0  # dirty pages not yet sent, as of the last scan
         self._bucket = TokenBucket(config.max_bandwidth) if config.max_bandwidth else None
         self._acks: dict[int, float] = {}
         self._ack_arrived = trio.Event()
@@ -192,6 +193,7 @@ class Sender:
 
     async def run(self, stream: trio.abc.Stream) -> dict:
         """Migrate over ``stream``; returns the summary. Raises MigrationError."""
+        structlog.contextvars.bind_contextvars(migration=self.config.name)
         try:
             with first_migration_error():
                 async with trio.open_nursery() as nursery:
@@ -200,6 +202,8 @@ class Sender:
                     await self._migrate(stream)
                     nursery.cancel_scope.cancel()
             self.status = "completed"
+            log.info("finish_migration", status=self.status, converged=self.converged, passes=len(self.passes),
+                     downtime_ms=round(self.downtime * 1000, 1), transferred_bytes=self.transferred)
         except MigrationError as exc:
             self.status = "cancelled" if isinstance(exc, MigrationCancelled) else "failed"
             self.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
@@ -209,6 +213,7 @@ class Sender:
                         await stream.send_all(self.conn.frame(Failure(exc.code, str(exc))))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
                         pass
+            log.error("fail_migration", status=self.status, **self.error, passes=len(self.passes))
             raise
         finally:
             self.finished = trio.current_time()
@@ -252,7 +257,7 @@ class Sender:
             t_scan = trio.current_time()
             plan = await self._plan(first=False, stream=stream)
             self.scan_seconds = trio.current_time() - t_scan
-            dirty = sum(len(p) for _, _, p in plan)
+            dirty = self.remaining_pages = sum(len(p) for _, _, p in plan)
             self.dirty_rate = dirty / max(report.seconds + self.scan_seconds, 1e-6)
             self.expected_downtime = self._estimate(dirty, report)
             log.info(
@@ -472,7 +477,7 @@ class Sender:
         t = self.totals
         end = self.finished if self.finished is not None else trio.current_time()
         total = sum(b.info.length for b in self.blocks)
-        remaining = 0 if self.status == "completed" else None
+        remaining = 0 if self.status == "completed" else self.remaining_pages * self.config.page_size
         seconds = max(end - self.started, 1e-9)
         summary = {
             "status": self.status,

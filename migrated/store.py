@@ -76,7 +76,7 @@ class ImageStore:
         """Remove staging left by a crash and versions no name points to."""
         live = set()
         for entry in self.root.iterdir():
-            if entry.is_symlink():
+            if entry.is_symlink() and not entry.name.startswith("."):
                 live.add(os.readlink(entry))
         removed = []
         for entry in self.root.iterdir():

@@ -376,3 +376,34 @@ def test_receiver_digest_matches_an_independent_computation(tmp_path):
     d2 = image_digest([("ram", len(data), page_hashes(data + bytes(4091)))])
     assert d1 == d2  # the last page is zero-padded
     assert image_digest([("ram2", len(data), page_hashes(data))]) != d1
+
+
+async def test_stale_staging_from_a_crash_is_removed_at_start(tmp_path):
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    data = make_image(src, 1 * MiB)
+    async with running_receiver(images) as rx:
+        await migrate(rx.port, FileSource(str(src)), name="kept")
+    # what a crash can leave: a staging dir, an orphan version, a half-made link
+    (images / ".kept.staging-deadbeef").mkdir()
+    (images / ".kept.staging-deadbeef" / "b1.mem").write_bytes(b"x" * 100)
+    (images / ".lost.v123").mkdir()
+    (images / ".kept.link-tmp").symlink_to(".lost.v123")
+    async with running_receiver(images):
+        pass
+    assert sorted(p.name for p in images.iterdir() if not p.is_symlink() or p.name == "kept") == sorted(
+        ["kept", os.readlink(images / "kept")]
+    )
+    assert image_bytes(images, "kept") == data
+
+
+async def test_a_directory_in_the_way_is_not_overwritten(tmp_path):
+    images = tmp_path / "images"
+    (images / "mine").mkdir(parents=True)
+    (images / "mine" / "precious").write_text("keep me")
+    src = tmp_path / "src.img"
+    make_image(src, 64 << 10)
+    async with running_receiver(images) as rx:
+        with pytest.raises(PeerError, match="not an image committed by migrated"):
+            await migrate(rx.port, FileSource(str(src)), name="mine")
+    assert (images / "mine" / "precious").read_text() == "keep me"

@@ -356,3 +356,36 @@ def test_permission_denied_as_nobody(receiver, child):
     assert "failed (sender)" in last and "permission denied" in last
     assert "belongs to uid 0" in last and ("root" in last or "CAP_SYS_PTRACE" in last)
     assert state(child.pid) in ("R", "S")
+
+
+def test_sigstop_fallback_when_ptrace_is_refused(child, monkeypatch):
+    from migrated import freeze
+
+    def refuse(request, tid, data=0):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(freeze, "_ptrace", refuse)
+    f = freeze.Freezer(child.pid)
+    assert f.freeze() == "sigstop"
+    assert state(child.pid) == "T"
+    f.release("resume")
+    deadline = __import__("time").monotonic() + 5
+    while state(child.pid) == "T" and __import__("time").monotonic() < deadline:
+        pass
+    assert state(child.pid) in ("R", "S")
+
+
+def test_ptrace_freeze_is_a_tracing_stop_and_after_stop_leaves_it_stopped(child):
+    from migrated import freeze
+
+    f = freeze.Freezer(child.pid)
+    assert f.freeze() == "ptrace"
+    assert state(child.pid) == "t"  # tracing stop: the parent sees nothing
+    f.release("stop")
+    import time
+
+    deadline = time.monotonic() + 5
+    while state(child.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state(child.pid) == "T"
+    os.kill(child.pid, signal.SIGCONT)
