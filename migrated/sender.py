@@ -339,13 +339,11 @@ class Sender:
         for block in blocks:
             t = self.tracked[block.info.id]
             if first or block.info.id in changed_layout:
-                pages = records.page_range(0, block.info.pages)
-                if not first:
-                    t.hashes = await trio.to_thread.run_sync(records.page_hashes, block.view, block.info.page_size)
+                pages = records.page_range(0, block.info.pages)  # sent whole: nothing to merge
             else:
                 pages = await trio.to_thread.run_sync(self.source.changed, block, t.hashes)
-            if extra and block.info.id in extra:
-                pages = records.merge_pages(extra[block.info.id], pages)
+                if extra and block.info.id in extra:
+                    pages = records.merge_pages(extra[block.info.id], pages)
             plan.append((t, block, pages))
         self.blocks = blocks
         return plan
@@ -364,10 +362,11 @@ class Sender:
                 whole.add(b.info.id)
                 changed = True
             elif t.info.length != b.info.length:
-                # new page numbers start from zero on the receiver; a new cache
-                # key space keeps stale cached copies from being delta bases
+                # sent whole in the next pass (which fills in the hashes); a new
+                # cache key space keeps stale cached copies from being delta bases
                 t.index = self._take_index()
                 t.info = b.info
+                t.hashes = array("Q", bytes(8 * b.info.pages))
                 whole.add(b.info.id)
                 changed = True
             elif t.info.info != b.info.info:

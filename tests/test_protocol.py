@@ -180,3 +180,33 @@ def test_negotiation():
     assert negotiate(("xbzrle",), ()) == ()
     assert negotiate((), ("xbzrle",)) == ()
     assert negotiate(("xbzrle", "future"), ("xbzrle", "future")) == ("xbzrle",)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from migrated.errors import MigrationError  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.integers(1, 64))
+def test_hostile_bytes_after_the_handshake_only_raise_migration_errors(garbage, step):
+    """Whatever follows a valid HELLO and block list, the receiver either
+    waits for more, yields events, or raises one of our errors."""
+    head = Connection(Role.SENDER).send(Hello("vm", 4096)) + Connection.frame(
+        BlockList((BlockInfo("ram", 8192, 4096),))
+    )
+    r = Connection(Role.RECEIVER)
+    target = bytearray(8192)
+    guard = bytearray(8192)
+    try:
+        for i in range(0, len(head + garbage), step):
+            r.receive_data((head + garbage)[i : i + step])
+            while (ev := r.next_event()) is not NEED_DATA:
+                if isinstance(ev, Hello):
+                    r.send(Welcome(("xbzrle",)))
+                elif isinstance(ev, BlockList):
+                    r.set_blocks([(b"ram", target)])
+    except MigrationError as exc:
+        assert isinstance(exc, (ProtocolError, RecordError, PeerError))
+    assert guard == bytearray(8192)
