@@ -846,6 +846,7 @@ cdef class Applier:
     cdef Py_ssize_t *blen
     cdef const uint8_t **idptr
     cdef Py_ssize_t *idlen
+    cdef uint8_t *fresh
     cdef int current
     cdef public uint64_t zero_pages, normal_pages, xbzrle_pages, xbzrle_bytes
     cdef public bint allow_xbzrle
@@ -858,11 +859,14 @@ cdef class Applier:
         self._keep = []
 
     def __dealloc__(self):
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen)
+        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh)
 
     def set_blocks(self, blocks):
-        """blocks: sequence of (id: bytes, writable buffer). The buffers are
-        held until the next call. The current block is forgotten."""
+        """blocks: sequence of (id: bytes, writable buffer) or (id, buffer,
+        fresh). The buffers are held until the next call. The current block is
+        forgotten. A fresh block is known to be all zero bytes: a ZERO record
+        of fill 0 for it is not written (it would only fault in memory), until
+        clear_fresh()."""
         cdef list keep = []
         cdef int n = len(blocks), i
         cdef uint8_t[::1] mv
@@ -870,11 +874,14 @@ cdef class Applier:
         cdef Py_ssize_t *blen = <Py_ssize_t *>calloc(max(n, 1), sizeof(Py_ssize_t))
         cdef const uint8_t **idptr = <const uint8_t **>calloc(max(n, 1), sizeof(uint8_t *))
         cdef Py_ssize_t *idl = <Py_ssize_t *>calloc(max(n, 1), sizeof(Py_ssize_t))
-        if bptr == NULL or blen == NULL or idptr == NULL or idl == NULL:
-            free(bptr); free(blen); free(idptr); free(idl)
+        cdef uint8_t *fresh = <uint8_t *>calloc(max(n, 1), 1)
+        if bptr == NULL or blen == NULL or idptr == NULL or idl == NULL or fresh == NULL:
+            free(bptr); free(blen); free(idptr); free(idl); free(fresh)
             raise MemoryError()
         try:
-            for i, (bid, buf) in enumerate(blocks):
+            for i, entry in enumerate(blocks):
+                bid, buf = entry[0], entry[1]
+                fresh[i] = 1 if len(entry) > 2 and entry[2] else 0
                 if not isinstance(bid, bytes) or not 1 <= len(bid) <= 255:
                     raise ValueError("block ids must be bytes of length 1 to 255")
                 mv = buf
@@ -884,13 +891,20 @@ cdef class Applier:
                 idptr[i] = <const uint8_t *><const char *>bid
                 idl[i] = len(bid)
         except BaseException:
-            free(bptr); free(blen); free(idptr); free(idl)
+            free(bptr); free(blen); free(idptr); free(idl); free(fresh)
             raise
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen)
+        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh)
         self.bptr, self.blen, self.idptr, self.idlen = bptr, blen, idptr, idl
+        self.fresh = fresh
         self.nblocks = n
         self._keep = keep
         self.current = -1
+
+    def clear_fresh(self):
+        """From now on every ZERO record is written (call at the end of the
+        pass that sent the fresh blocks whole)."""
+        if self.fresh != NULL:
+            memset(self.fresh, 0, max(self.nblocks, 1))
 
     def release(self):
         """Drop the block buffers (so an mmap behind them can be closed)."""
@@ -978,7 +992,8 @@ cdef class Applier:
                     if i >= n:
                         i = rec
                         break
-                    memset(page, src[i], ps)
+                    if not (self.fresh[blk] and src[i] == 0):
+                        memset(page, src[i], ps)
                     i += 1
                     self.zero_pages += 1
                 elif kind == F_PAGE:

@@ -254,13 +254,19 @@ class Connection:
 
     def set_blocks(self, buffers) -> None:
         """Receiver: the writable buffers for the block list just received,
-        as ``[(id: bytes, buffer)]`` in any order."""
+        as ``[(id: bytes, buffer)]`` or ``[(id, buffer, fresh)]`` in any order
+        (see ``Applier.set_blocks``)."""
         if self._applier is None:
             self._applier = Applier(self.page_size)
             self._applier.skip(self.received_bytes - self.buffered)
             self._applier.allow_xbzrle = CAP_XBZRLE in self.capabilities
         self._applier.set_blocks(buffers)
         self._blocks_known = True
+
+    def end_of_fresh_blocks(self) -> None:
+        """Receiver: the pass that sent the new blocks whole has ended."""
+        if self._applier is not None:
+            self._applier.clear_fresh()
 
     def release_blocks(self) -> None:
         """Receiver: drop the block buffers (before they are unmapped or resized)."""

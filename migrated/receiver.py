@@ -200,6 +200,7 @@ class _Session:
                 log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
             elif isinstance(event, EndOfPass):
                 self.passes += 1
+                self.conn.end_of_fresh_blocks()
                 await self.send(Ack(event.pass_number, self.conn.received_bytes))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
                 if not self.files.locked():

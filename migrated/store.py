@@ -138,7 +138,7 @@ class _BlockFile:
             raise StoreError(f"cannot size {self.path}: {exc.strerror}") from None
         self.alloc = alloc
         self.info = info
-        self.map = mmap.mmap(self.fd, alloc, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE) if alloc else bytearray()
+        self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()
 
     def unmap(self) -> None:
         if isinstance(self.map, mmap.mmap):
@@ -169,8 +169,9 @@ class Staging:
 
     def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
         """Follow a block list: resize kept blocks, create new ones, delete
-        dropped ones. Returns ``[(id, writable buffer)]`` for the applier; the
-        previous buffers must no longer be in use."""
+        dropped ones. Returns ``[(id, writable buffer, fresh)]`` for the
+        applier (fresh: created by this call, so all zeros); the previous
+        buffers must no longer be in use."""
         ids = [b.id for b in blocks]
         if len(set(ids)) != len(ids):
             raise RecordError("block list names a block twice", 0)
@@ -181,17 +182,20 @@ class Staging:
             f = self.blocks.pop(bid)
             f.close()
             f.path.unlink(missing_ok=True)
+        created = set()
         for b in blocks:
             f = self.blocks.get(b.id)
             if f is None:
                 self._files += 1
                 self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem")
+                created.add(b.id)
             elif f.info.length != b.length or f.map is None:
                 f.resize(b)
             else:
                 f.info = b
         self.order = ids
-        return [(bid.encode(), self.blocks[bid].map) for bid in ids]
+        # a block file made just now is all zeros: the applier may skip zero fills
+        return [(bid.encode(), self.blocks[bid].map, bid in created) for bid in ids]
 
     def write_back(self) -> None:
         """Flush dirty pages of every block file (fdatasync covers pages

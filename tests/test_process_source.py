@@ -110,32 +110,36 @@ async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child):
         assert image == child.read(block["start"], block["length"]), block["id"]
 
 
+class _SwappingSource(ProcessSource):
+    """Has the child map B and unmap A right after pass 0 (before the sender
+    looks at the mappings again), and waits until it has."""
+
+    refreshes = 0
+    b = None
+
+    def __init__(self, child, **kw):
+        super().__init__(child.pid, **kw)
+        self.child = child
+
+    def refresh(self):
+        self.refreshes += 1
+        if self.refreshes == 2:
+            os.kill(self.child.pid, signal.SIGUSR1)
+            self.b = int(self.child.proc.stdout.readline().strip().split("=")[1], 16)
+        return super().refresh()
+
+
 async def test_mappings_created_and_removed_mid_migration(tmp_path, child):
     images = tmp_path / "images"
-    from migrated.sender import SendConfig, Sender
-
     async with running_receiver(images) as rx:
-        source = ProcessSource(child.pid, after="resume")
-        source.open()
-        sender = Sender(source, SendConfig("maps", max_bandwidth=64 * MiB, downtime_limit=0.001, max_iterations=4))
-        stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-
-                async def swap_after_pass0():
-                    while not sender.passes:
-                        await trio.sleep(0.005)
-                    os.kill(child.pid, signal.SIGUSR1)
-
-                nursery.start_soon(swap_after_pass0)
-                summary = await sender.run(stream)
-        source.close()
-    assert summary["status"] == "completed"
-    b = int(child.proc.stdout.readline().strip().split("=")[1], 16)
+        source = _SwappingSource(child, after="resume")
+        summary = await migrate(rx.port, source, name="maps", max_bandwidth=64 * MiB, downtime_limit=0.001,
+                                max_iterations=4)
+    assert summary["status"] == "completed" and source.refreshes >= 3
     blocks = {blk["start"]: blk for blk in manifest(images, "maps")["blocks"]}
     assert child.a not in blocks, "the unmapped block must be gone"
-    assert b in blocks, "the new mapping must be a block"
-    assert (images / "maps" / blocks[b]["file"]).read_bytes() == b"\xb2" * (5 * 4096 * 16)
+    assert source.b in blocks, "the new mapping must be a block"
+    assert (images / "maps" / blocks[source.b]["file"]).read_bytes() == b"\xb2" * (5 * 4096 * 16)
     assert state(child.pid) != "T"  # --after resume
 
 

@@ -345,3 +345,22 @@ def test_scan_finds_exactly_the_changed_pages():
 def test_scan_rejects_short_hash_array():
     with pytest.raises(ValueError, match="hash array"):
         records.scan(bytearray(4 * PS), records.page_hashes(bytearray(2 * PS), PS), PS)
+
+
+def test_fresh_blocks_skip_zero_fills_until_cleared():
+    """A fresh (known all-zero) block does not write ZERO records of fill 0,
+    so a new image file's zero pages are never faulted in; after
+    clear_fresh() they are written again."""
+    from migrated.cache import PageCache
+
+    src = bytearray(3 * 4096)
+    src[4096:8192] = b"\x07" * 4096  # page 1: fill 7, pages 0 and 2: zero
+    data, _ = records.encode_batch(PageCache(0), 0, b"ram", src, records.page_numbers([0, 1, 2]), xbzrle=False)
+    target = bytearray(b"\xee" * (3 * 4096))  # not actually zero: shows which fills were skipped
+    a = records.Applier(4096)
+    a.set_blocks([(b"ram", target, True)])
+    assert a.apply(data) == (len(data), records.NEED_DATA)
+    assert target[:4096] == b"\xee" * 4096 and target[4096:8192] == b"\x07" * 4096
+    a.clear_fresh()
+    a.apply(data)
+    assert target == src
