@@ -178,3 +178,37 @@ def test_help_teaches():
         assert word in out
     out = subprocess.run([*CLI, "receive", "--help"], capture_output=True, text=True).stdout
     assert "--shutdown-grace" in out and "manifest.json" in out
+
+
+def test_receiver_out_of_space_fails_clearly_and_keeps_serving(tmp_path):
+    """A receiver that may not grow files past 1 MiB (RLIMIT_FSIZE) stands in
+    for a full disk: the block file cannot be reserved."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    log = tmp_path / "rx.log"
+    proc = subprocess.Popen(
+        [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "images"), "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=limit,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while '"listen"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        listen = next(json.loads(line) for line in log.read_text().splitlines() if '"listen"' in line)
+        address = listen["addresses"][0]
+        src = tmp_path / "src.img"
+        make_image(src, 4 * MiB)
+        r = send("--source", f"file:{src}", "--to", address, "--name", "big")
+        assert r.returncode == 1
+        last = r.stderr.strip().splitlines()[-1]
+        assert "failed (receiver): no-space" in last and "no space for block" in last
+        assert staging_left(tmp_path / "images") == []
+        small = tmp_path / "small.img"
+        make_image(small, 256 << 10)
+        assert send("--source", f"file:{small}", "--to", address, "--name", "small").returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
