@@ -226,6 +226,12 @@ def _send(args: argparse.Namespace) -> int:
                         sender.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
                     report(sender.summary(), exc)
                     return EXIT_FAILED
+                except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout
+                    structlog.get_logger("migrated.cli").exception("fail_migration", code="internal")
+                    sender.status = "failed"
+                    sender.error = {"side": "sender", "code": "internal", "message": repr(exc)}
+                    report(sender.summary(), exc)
+                    return EXIT_FAILED
                 finally:
                     nursery.cancel_scope.cancel()
                     source.close()

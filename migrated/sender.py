@@ -156,8 +156,21 @@ class Sender:
             piece = mv[i : i + step]
             if self._bucket:
                 await self._bucket.take(len(piece))
-            await stream.send_all(piece)
+            try:
+                await stream.send_all(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise NetworkError(f"connection to the receiver lost while sending: {exc.__cause__ or exc}") from None
             self.transferred += len(piece)
+
+    async def _receive(self, stream: trio.abc.Stream) -> None:
+        """Read what the receiver sent into the protocol object."""
+        try:
+            data = await stream.receive_some(1 << 16)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NetworkError(f"connection to the receiver lost: {exc.__cause__ or exc}") from None
+        if not data:
+            raise NetworkError("the receiver closed the connection")
+        self.conn.receive_data(data)
 
     async def _read_peer(self, stream: trio.abc.Stream, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Reads the receiver's answers for the whole migration."""
@@ -165,13 +178,7 @@ class Sender:
         while True:
             event = self.conn.next_event()
             if event is NEED_DATA:
-                try:
-                    data = await stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise NetworkError(f"connection to the receiver lost: {exc}") from None
-                if not data:
-                    raise NetworkError("the receiver closed the connection")
-                self.conn.receive_data(data)
+                await self._receive(stream)
                 continue
             if isinstance(event, Ack):
                 self._acks[event.pass_number] = trio.current_time()
@@ -225,10 +232,7 @@ class Sender:
         await self._write(stream, self.conn.send(hello))
         with trio.move_on_after(self.config.timeout) as scope:
             while (event := self.conn.next_event()) is NEED_DATA:
-                data = await stream.receive_some(1 << 16)
-                if not data:
-                    raise NetworkError("the receiver closed the connection during the handshake")
-                self.conn.receive_data(data)
+                await self._receive(stream)
         if scope.cancelled_caught:
             raise NetworkError(f"no handshake answer from the receiver within {self.config.timeout:g} s")
         assert isinstance(event, Welcome)
