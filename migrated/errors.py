@@ -66,16 +66,20 @@ class PeerError(RemoteError):
 @contextlib.contextmanager
 def first_migration_error():
     """Re-raise a nursery's ExceptionGroup as the failure inside it: the first
-    MigrationError, else its only exception (one task failing cancels its
-    siblings; the failure is what matters, not the group)."""
+    MigrationError, else its exception when all are of one kind (one task
+    failing cancels its siblings; the failure is what matters, not the group)."""
     try:
         yield
     except BaseExceptionGroup as group:
         match, _ = group.split(MigrationError)
-        leaves = list(_leaves(match if match is not None else group))
-        if match is None and len(leaves) != 1:
-            raise
-        raise leaves[0] from None
+        if match is not None:
+            raise next(_leaves(match)) from None
+        leaves = list(_leaves(group))
+        # siblings cancelled because one task failed: the failure, not the Cancelled
+        errors = [e for e in leaves if isinstance(e, Exception)] or leaves
+        if all(type(e) is type(errors[0]) for e in errors):
+            raise errors[0] from None
+        raise
 
 
 def _leaves(exc):

@@ -35,6 +35,7 @@ from migrated.store import ImageStore, Staging
 log = structlog.get_logger("migrated.receiver")
 
 RECEIVE_CHUNK = 4 << 20
+READ_AHEAD_CHUNKS = 2  # received chunks waiting while one is applied
 THREAD_THRESHOLD = 64 << 10  # apply in a worker thread above this much buffered data
 
 
@@ -161,7 +162,24 @@ class _Session:
     async def send(self, event) -> None:
         await self.stream.send_all(self.conn.send(event))
 
-    async def next_event(self):
+    async def read_stream(self, chunks: trio.MemorySendChannel) -> None:
+        """Receive from the sender while earlier chunks are being applied;
+        the channel's small bound keeps memory bounded (backpressure)."""
+        # the channel is not closed on an error: the applying side must see
+        # the error (through the nursery), not an end of data
+        while True:
+            with trio.move_on_after(self.config.idle_timeout) as idle:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise PeerGone(f"connection lost: {exc.__cause__ or exc}") from None
+            if idle.cancelled_caught:
+                raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
+            await chunks.send(data)
+            if not data:
+                return
+
+    async def next_event(self, chunks: trio.MemoryReceiveChannel):
         conn = self.conn
         while True:
             if conn.buffered >= THREAD_THRESHOLD:
@@ -170,28 +188,29 @@ class _Session:
                 event = conn.next_event()
             if event is not NEED_DATA:
                 return event
-            with trio.move_on_after(self.config.idle_timeout) as idle:
-                data = await self.stream.receive_some(RECEIVE_CHUNK)
-            if idle.cancelled_caught:
-                raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
+            data = await chunks.receive()
             if not data:
                 raise PeerGone("the sender closed the connection before the image was complete")
             conn.receive_data(data)
 
     async def run(self) -> None:
-        hello = await self.next_event()
-        assert isinstance(hello, Hello)  # the state table admits nothing else first
-        self.hello(hello)
-        caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
-        await self.send(Welcome(caps))
-        log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
+        send_chunks, chunks = trio.open_memory_channel(READ_AHEAD_CHUNKS)
         with first_migration_error():
             async with trio.open_nursery() as background:
-                await self.receive_passes(background)
+                background.start_soon(self.read_stream, send_chunks)
+                hello = await self.next_event(chunks)
+                assert isinstance(hello, Hello)  # the state table admits nothing else first
+                self.hello(hello)
+                caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
+                await self.send(Welcome(caps))
+                log.info("accept_migration", source=hello.source, page_size=hello.page_size,
+                         capabilities=list(caps))
+                await self.receive_passes(background, chunks)
+                background.cancel_scope.cancel()
 
-    async def receive_passes(self, background: trio.Nursery) -> None:
+    async def receive_passes(self, background: trio.Nursery, chunks) -> None:
         while True:
-            event = await self.next_event()
+            event = await self.next_event(chunks)
             if isinstance(event, BlockList):
                 async with self.files:
                     self.conn.release_blocks()
