@@ -562,8 +562,8 @@ def format_summary(s: dict) -> str:
         f"status:             {s['status']}" + (" (digest verified by the receiver)" if s["verified"] else ""),
         f"converged:          {'yes' if s['converged'] else 'no'} after {s['iterations']} passes",
         f"total time:         {s['total_time_ms'] / 1000:.2f} s (setup {s['setup_time_ms']:.0f} ms)",
-        f"downtime:           {s['downtime_ms'] if s['downtime_ms'] is not None else '-'} ms "
-        f"(expected {s['expected_downtime_ms']} ms)",
+        f"downtime:           {s['downtime_ms'] if s['downtime_ms'] is not None else '-'} ms from freeze to commit "
+        f"(final pass estimated at {s['expected_downtime_ms']} ms)",
         f"image:              {format_size(ram['total_bytes'])} from {s['source']}",
         f"transferred:        {format_size(ram['transferred_bytes'])} at {ram['mbps']} Mbit/s",
         f"pages:              {ram['normal_pages']} raw, {ram['zero_pages']} zero, {xb['pages']} xbzrle",
