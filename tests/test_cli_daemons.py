@@ -48,6 +48,15 @@ def test_migration_through_the_cli_with_a_paused_writer(tmp_path, receiver):
         assert state(w.pid) != "T"  # resumed
     summary = json.loads(r.stdout)
     assert summary["status"] == "completed" and summary["verified"]
+    # the summary contract (QEMU's info migrate names)
+    assert {"status", "converged", "iterations", "total_time_ms", "setup_time_ms", "downtime_ms",
+            "expected_downtime_ms", "ram", "xbzrle", "digest", "verified"} <= set(summary)
+    assert set(summary["ram"]) >= {"total_bytes", "transferred_bytes", "remaining_bytes", "zero_pages",
+                                   "normal_pages", "normal_bytes", "dirty_pages_rate", "mbps"}
+    assert set(summary["xbzrle"]) >= {"enabled", "cache_size", "bytes", "pages", "cache_miss", "cache_miss_rate",
+                                      "encoding_rate", "overflow", "passes_off"}
+    assert summary["ram"]["remaining_bytes"] == 0 and summary["ram"]["total_bytes"] == 32 * MiB
+    assert summary["ram"]["transferred_bytes"] > 16 * MiB  # at least the random half went raw
     image = image_bytes(receiver.dir, "cli")
     # the digest the sender reported is the image's, computed independently here
     assert image_digest([("ram", len(image), page_hashes(image))]) == summary["digest"]
