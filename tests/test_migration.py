@@ -407,3 +407,42 @@ async def test_a_directory_in_the_way_is_not_overwritten(tmp_path):
         with pytest.raises(PeerError, match="not an image committed by migrated"):
             await migrate(rx.port, FileSource(str(src)), name="mine")
     assert (images / "mine" / "precious").read_text() == "keep me"
+
+
+async def _receiver_that_dies_at_commit(stream):
+    """Speaks the protocol until COMPLETE, then drops the connection, as a
+    receiver killed during the final pass would."""
+    from migrated.protocol import NEED_DATA, Ack, Complete, EndOfPass, Welcome
+
+    conn = Connection(Role.RECEIVER)
+    async with stream:
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(ev, Hello):
+                await stream.send_all(conn.send(Welcome(("xbzrle",))))
+            elif hasattr(ev, "blocks"):
+                conn.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
+            elif isinstance(ev, EndOfPass):
+                await stream.send_all(conn.send(Ack(ev.pass_number)))
+            elif isinstance(ev, Complete):
+                return  # gone without a word
+
+
+async def test_receiver_lost_during_the_final_pass_resumes_the_writer(tmp_path, nursery):
+    src = tmp_path / "src.img"
+    make_image(src, 4 * MiB)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(trio.serve_listeners, _receiver_that_dies_at_commit, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(60), writer(src, "--stride", "4096") as w:
+        source = SnapshotSource(str(src), pause_pid=w.pid)
+        with pytest.raises(MigrationError) as info:
+            await migrate(port, source, name="lost")
+        assert source.frozen is not None, "the writer was stopped for the final pass"
+        assert state(w.pid) != "T", "and it is running again"
+    assert info.value.code == "network" and "receiver" in str(info.value)
