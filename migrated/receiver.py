@@ -136,6 +136,13 @@ class Receiver:
                 self.failed += 1
                 log.exception("fail_migration", code="internal", error=repr(exc))
                 await session.fail(Failure("internal", f"receiver internal error: {exc!r}"))
+            except BaseExceptionGroup as group:  # several failures at once, some cancellations
+                _, errors = group.split(trio.Cancelled)
+                if errors is None:
+                    raise
+                self.failed += 1
+                log.error("fail_migration", code="internal", error=repr(errors))
+                await session.fail(Failure("internal", f"receiver internal error: {errors!r}"))
             finally:
                 session.release()
                 structlog.contextvars.unbind_contextvars("peer", "migration")
