@@ -119,6 +119,7 @@ class Sender:
         self.status = "setup"
         self.xbzrle = False  # negotiated
         self.tracked: dict[str, _Tracked] = {}
+        self._order: list[str] = []  # block ids as last sent in a block list
         self._next_index = 0
         self.blocks: list[Block] = []
         self.passes: list[PassReport] = []
@@ -129,7 +130,6 @@ class Sender:
         self.expected_downtime = 0.0
         self.downtime: float | None = None
         self.converged = False
-        self.passes_off = 0
         self.digest: str | None = None
         self.verified = False
         self.committed_path = ""
@@ -306,7 +306,6 @@ class Sender:
         if not self.xbzrle:
             return
         if not report.xbzrle:
-            self.passes_off += 1
             if next_pass >= self._xbzrle_off_until:
                 log.info("enable_xbzrle", **{"pass": next_pass})
                 self._cache_cold = True
@@ -356,7 +355,9 @@ class Sender:
         """Track new, resized and removed blocks; send a new block list if
         anything changed. Returns the ids of blocks to send whole."""
         whole = set()
-        changed = len(blocks) != len(self.tracked)
+        order = [b.info.id for b in blocks]
+        changed = order != self._order  # the digest follows the block list's order
+        self._order = order
         seen = set()
         for b in blocks:
             seen.add(b.info.id)
@@ -513,7 +514,7 @@ class Sender:
                 if t.xbzrle_bytes
                 else 0.0,
                 "overflow": t.overflow,
-                "passes_off": self.passes_off,
+                "passes_off": sum(1 for r in self.passes if self.xbzrle and not r.xbzrle),
             },
             "passes": [
                 {
