@@ -105,6 +105,9 @@ class Freezer:
             log.warning("fall_back_to_sigstop", pid=self.pid, reason="ptrace refused")
             self._sigstop(timeout)
             self.method = "sigstop"
+        except BaseException:
+            self._detach_all()  # never leave threads we did seize in a tracing stop
+            raise
         log.info("freeze_process", pid=self.pid, method=self.method, threads=len(self.seized) or None)
         return self.method
 
@@ -127,11 +130,20 @@ class Freezer:
                 _ptrace(PTRACE_INTERRUPT, tid)
             if time.monotonic() > deadline:
                 raise FreezeError(f"process {self.pid} keeps creating threads; could not freeze it")
-        for tid in list(self.seized):
-            try:
-                os.waitpid(tid, WALL)
-            except ChildProcessError:
-                self.seized.remove(tid)  # gone
+        waiting = list(self.seized)
+        while waiting:  # polled, so a thread stuck in the kernel cannot hang us
+            for tid in list(waiting):
+                try:
+                    pid, _ = os.waitpid(tid, WALL | os.WNOHANG)
+                except ChildProcessError:
+                    self.seized.remove(tid)  # gone
+                    pid = tid
+                if pid == tid:
+                    waiting.remove(tid)
+            if waiting:
+                if time.monotonic() > deadline:
+                    raise FreezeError(f"threads {waiting} of process {self.pid} did not stop within {timeout:g} s")
+                time.sleep(0.0005)
         for tid in self.seized:
             st = process_state_of_thread(self.pid, tid)
             if st not in ("t", "T", None):
