@@ -163,6 +163,7 @@ class Freezer:
             if st in (None, "Z", "X"):
                 raise ProcessGone(f"process {self.pid} exited while being stopped")
             if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGCONT)  # undo our stop before giving up
                 raise FreezeError(f"process {self.pid} did not stop within {timeout:g} s (state {st})")
             time.sleep(0.001)
 
