@@ -13,7 +13,7 @@ import signal
 import sys
 
 from migrated import __version__
-from migrated.units import duration_arg, size_arg
+from migrated.units import duration_arg, parse_address, size_arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -51,7 +51,7 @@ def _receive(args: argparse.Namespace) -> int:
     import trio
 
     from migrated import log as logsetup
-    from migrated.receiver import Receiver, ReceiverConfig, parse_address
+    from migrated.receiver import Receiver, ReceiverConfig
     from migrated.store import StoreError
 
     try:
@@ -132,7 +132,6 @@ def _send(args: argparse.Namespace) -> int:
     from migrated import log as logsetup
     from migrated.errors import MigrationError
     from migrated.protocol import Failure
-    from migrated.receiver import parse_address
     from migrated.sender import (
         MigrationCancelled,
         NetworkError,

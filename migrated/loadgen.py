@@ -107,5 +107,5 @@ def start(python: bool = False) -> LoadGen:
 
 
 def describe() -> str:
-    exe, reason = build()
-    return reason
+    """Which load generator runs here, and why."""
+    return build()[1]

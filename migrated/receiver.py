@@ -295,19 +295,3 @@ class _Session:
 def _address(sockaddr) -> str:
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_address(text: str, default_host: str | None = None) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        if default_host is None:
-            raise ValueError(f"{text!r} is not HOST:PORT")
-        host, port = default_host, text
-    host = host.strip("[]") or default_host or ""
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
-    if not host:
-        raise ValueError(f"{text!r} has no host")
-    return host, int(port)
-

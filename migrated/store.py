@@ -92,14 +92,6 @@ class ImageStore:
                 removed.append(n)
         return removed
 
-    def committed(self, name: str) -> Path | None:
-        path = self.root / name
-        return path if path.is_symlink() and path.exists() else None
-
-    def manifest(self, name: str) -> dict | None:
-        path = self.committed(name)
-        return json.loads((path / MANIFEST).read_text()) if path else None
-
     def begin(self, name: str, page_size: int, source: str = "") -> Staging:
         check_name(name)
         target = self.root / name

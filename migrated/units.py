@@ -2,7 +2,8 @@
 
 SIZE and RATE take an optional binary suffix K, M, G or T (``64M`` is
 64 MiB; a RATE is bytes per second); DURATION takes ``ms`` or ``s``
-(``300ms``, ``1.5s``; a bare number is seconds).
+(``300ms``, ``1.5s``; a bare number is seconds). Addresses are
+``HOST:PORT`` (``[v6]:PORT`` for IPv6).
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration: use a number with ms or s, like 300ms")
     value = float(m.group(1))
     return value / 1000 if (m.group(2) or "s").lower() == "ms" else value
+
+
+def parse_address(text: str, default_host: str | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        host, port = default_host, text
+    host = host.strip("[]") or default_host or ""
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    return host, int(port)
 
 
 def format_size(n: float) -> str:

@@ -31,3 +31,14 @@ def test_bad_duration():
 
 def test_format_size():
     assert format_size(512) == "512 B" and format_size(3 << 20) == "3.0 MiB"
+
+
+def test_addresses():
+    from migrated.units import parse_address
+
+    assert parse_address("127.0.0.1:7700") == ("127.0.0.1", 7700)
+    assert parse_address("[::1]:0") == ("::1", 0)
+    assert parse_address("dest.example:7700") == ("dest.example", 7700)
+    for bad in ("nohost", "h:", "h:99999", ":80", "h:x"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
