@@ -290,6 +290,24 @@ def page_runs(const uint64_t[::1] pages):
     return out
 
 
+def iovecs(const uint64_t[::1] runs, uint64_t local_base, uint64_t remote_base, uint64_t page_size):
+    """struct iovec arrays (pointer, length pairs, as array('Q')) for page
+    runs (first, count): one local and one remote, for process_vm_readv."""
+    cdef Py_ssize_t n = runs.shape[0] // 2, i
+    cdef array local = clone(array("Q"), 2 * n, False)
+    cdef array remote = clone(array("Q"), 2 * n, False)
+    cdef uint64_t[::1] lv = local
+    cdef uint64_t[::1] rv = remote
+    if n:
+        with nogil:
+            for i in range(n):
+                lv[2 * i] = local_base + runs[2 * i] * page_size
+                rv[2 * i] = remote_base + runs[2 * i] * page_size
+                lv[2 * i + 1] = runs[2 * i + 1] * page_size
+                rv[2 * i + 1] = runs[2 * i + 1] * page_size
+    return local, remote
+
+
 # ---------------------------------------------------------------------------
 # LRU page cache
 # ---------------------------------------------------------------------------

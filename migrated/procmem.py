@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from migrated import records
+from migrated import _core, records
 from migrated.freeze import Freezer, ProcessGone, permission_message
 from migrated.records import BlockInfo
 from migrated.source import Block, Source, SourceError
@@ -43,20 +43,20 @@ _MAPS_LINE = re.compile(
 )
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [
     ctypes.c_int,
-    ctypes.POINTER(_Iovec),
+    ctypes.c_void_p,  # struct iovec *, built by _core.iovecs
     ctypes.c_ulong,
-    ctypes.POINTER(_Iovec),
+    ctypes.c_void_p,
     ctypes.c_ulong,
     ctypes.c_ulong,
 ]
+
+
+def _iov(address: int) -> ctypes.c_void_p:
+    return ctypes.c_void_p(address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +186,8 @@ class ProcessSource(Source):
     def __init__(self, pid: int, tracking: str = "auto", after: str = "stop", page_size: int = 4096):
         if page_size != PAGE:
             raise SourceError(f"a process source uses the machine's page size ({PAGE}), not {page_size}")
+        if ctypes.sizeof(ctypes.c_void_p) != 8:
+            raise SourceError("a process source needs a 64-bit system")
         self.pid = pid
         self.requested_tracking = tracking
         self.after = after
@@ -281,18 +283,15 @@ class ProcessSource(Source):
 
     def _read(self, m: Mapping, buf: _Buffer, runs: array) -> None:
         """Copy the page runs (first, count) of mapping ``m`` into ``buf``."""
+        local, remote = _core.iovecs(runs, buf.addr, m.start, PAGE)
+        lp, rp = local.buffer_info()[0], remote.buffer_info()[0]
         nruns = len(runs) // 2
         for b in range(0, nruns, IOV_MAX):
             k = min(IOV_MAX, nruns - b)
-            local = (_Iovec * k)()
-            remote = (_Iovec * k)()
-            total = 0
-            for j in range(k):
-                off, length = runs[2 * (b + j)] * PAGE, runs[2 * (b + j) + 1] * PAGE
-                local[j].iov_base, local[j].iov_len = buf.addr + off, length
-                remote[j].iov_base, remote[j].iov_len = m.start + off, length
-                total += length
-            got = _libc.process_vm_readv(self.pid, local, k, remote, k, 0)
+            total = sum(local[2 * b + 1 : 2 * (b + k) : 2])
+            got = _libc.process_vm_readv(
+                self.pid, _iov(lp + 16 * b), k, _iov(rp + 16 * b), k, 0
+            )
             if got == total:
                 continue
             if got < 0:
@@ -304,14 +303,11 @@ class ProcessSource(Source):
                 got = 0  # EFAULT and friends: the first range failed; fall back below
             # fall back to /proc/PID/mem from where process_vm_readv stopped
             done = 0
-            for j in range(k):
-                length = local[j].iov_len
-                if done + length <= got:
-                    done += length
-                    continue
-                skip = max(0, got - done)
-                off = local[j].iov_base - buf.addr
-                self._pread(m, buf, off + skip, length - skip)
+            for j in range(b, b + k):
+                off, length = runs[2 * j] * PAGE, runs[2 * j + 1] * PAGE
+                if done + length > got:
+                    skip = max(0, got - done)
+                    self._pread(m, buf, off + skip, length - skip)
                 done += length
 
     def _pread(self, m: Mapping, buf: _Buffer, off: int, length: int) -> None:

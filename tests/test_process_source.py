@@ -403,3 +403,33 @@ def test_ptrace_freeze_is_a_tracing_stop_and_after_stop_leaves_it_stopped(child)
         time.sleep(0.01)
     assert state(child.pid) == "T"
     os.kill(child.pid, signal.SIGCONT)
+
+
+class _ShortReads:
+    """process_vm_readv that reads only the first range of each call, as it
+    does when a later range cannot be read: the rest must come through
+    /proc/PID/mem."""
+
+    def __init__(self, real):
+        self.real = real
+        self.short = 0
+
+    def process_vm_readv(self, pid, local, k, remote, k2, flags):
+        got = self.real.process_vm_readv(pid, local, 1, remote, 1, flags)
+        if k > 1:
+            self.short += 1
+        return got
+
+
+async def test_pread_fallback_reads_what_process_vm_readv_cannot(tmp_path, child, monkeypatch):
+    from migrated import procmem
+
+    fake = _ShortReads(procmem._libc)
+    monkeypatch.setattr(procmem, "_libc", fake)
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        summary = await migrate(rx.port, ProcessSource(child.pid, after="stop"), name="fallback", max_iterations=1)
+    assert summary["status"] == "completed" and fake.short > 0
+    for block in manifest(images, "fallback")["blocks"]:
+        image = (images / "fallback" / block["file"]).read_bytes()
+        assert image == child.read(block["start"], block["length"]), block["id"]
