@@ -221,3 +221,24 @@ def test_receiver_out_of_space_fails_clearly_and_keeps_serving(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_receiver_sigterm_drains_and_a_second_signal_aborts(tmp_path):
+    rx = ReceiverProcess(tmp_path, "--shutdown-grace", "60s")
+    try:
+        src = tmp_path / "src.img"
+        make_image(src, 16 * MiB)
+        p = start_send("--source", f"file:{src}", "--to", rx.address, "--name", "slow", "--max-bandwidth", "1M")
+        rx.wait_for("set_blocks")
+        rx.proc.send_signal(signal.SIGTERM)
+        rx.wait_for("stop_accepting")
+        time.sleep(0.3)
+        assert rx.proc.poll() is None, "a running migration holds the receiver for the grace period"
+        rx.proc.send_signal(signal.SIGTERM)
+        assert rx.proc.wait(timeout=20) == 0
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 1
+        assert "failed (receiver): shutdown" in err.strip().splitlines()[-1]
+        assert staging_left(rx.dir) == []
+    finally:
+        rx.kill()
