@@ -188,6 +188,12 @@ class Freezer:
         except ProcessLookupError:
             pass
         self._detach_all()
+        if after == "stop":
+            # the queued SIGSTOP takes effect once the threads run again: wait
+            # for it, so that "left stopped" is true when we return
+            deadline = time.monotonic() + 5
+            while process_state(self.pid) not in ("T", None, "Z") and time.monotonic() < deadline:
+                time.sleep(0.001)
         if self.method == "sigstop" and after == "resume":
             try:
                 os.kill(self.pid, signal.SIGCONT)
