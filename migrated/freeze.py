@@ -22,7 +22,7 @@ import time
 import structlog
 
 from migrated.errors import LocalError
-from migrated.source import process_state
+from migrated.source import ProcessGone, SignalPauser, SourceError, process_state
 
 log = structlog.get_logger("migrated.freeze")
 
@@ -38,10 +38,6 @@ _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c
 
 class FreezeError(LocalError):
     code = "freeze"
-
-
-class ProcessGone(LocalError):
-    code = "process-exited"
 
 
 def _ptrace(request: int, tid: int, data: int = 0) -> None:
@@ -94,6 +90,7 @@ class Freezer:
         self.pid = pid
         self.seized: list[int] = []
         self.method: str | None = None
+        self.pauser: SignalPauser | None = None
 
     def freeze(self, timeout: float = 5.0) -> str:
         """Stop every thread; returns the method used (``ptrace`` or ``sigstop``)."""
@@ -145,7 +142,7 @@ class Freezer:
                     raise FreezeError(f"threads {waiting} of process {self.pid} did not stop within {timeout:g} s")
                 time.sleep(0.0005)
         for tid in self.seized:
-            st = process_state_of_thread(self.pid, tid)
+            st = process_state(self.pid, tid)
             if st not in ("t", "T", None):
                 raise FreezeError(f"thread {tid} of process {self.pid} did not stop (state {st})")
         if process_state(self.pid) in (None, "Z", "X"):
@@ -153,19 +150,16 @@ class Freezer:
 
     def _sigstop(self, timeout: float) -> None:
         try:
-            os.kill(self.pid, signal.SIGSTOP)
+            os.kill(self.pid, 0)
         except ProcessLookupError:
             raise ProcessGone(f"process {self.pid} exited") from None
         except PermissionError:
             raise FreezeError(permission_message(self.pid, "stop")) from None
-        deadline = time.monotonic() + timeout
-        while (st := process_state(self.pid)) not in ("T", "t"):
-            if st in (None, "Z", "X"):
-                raise ProcessGone(f"process {self.pid} exited while being stopped")
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGCONT)  # undo our stop before giving up
-                raise FreezeError(f"process {self.pid} did not stop within {timeout:g} s (state {st})")
-            time.sleep(0.001)
+        self.pauser = SignalPauser(self.pid, role="process")
+        try:
+            self.pauser.stop(timeout)
+        except SourceError as exc:
+            raise FreezeError(str(exc)) from None
 
     def _detach_all(self) -> None:
         for tid in self.seized:
@@ -195,18 +189,6 @@ class Freezer:
             while process_state(self.pid) not in ("T", None, "Z") and time.monotonic() < deadline:
                 time.sleep(0.001)
         if self.method == "sigstop" and after == "resume":
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            self.pauser.resume()
         log.info("release_process", pid=self.pid, after=after)
         self.method = None
-
-
-def process_state_of_thread(pid: int, tid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
-            stat = fh.read()
-    except FileNotFoundError:
-        return None
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()

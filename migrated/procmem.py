@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import structlog
 
 from migrated import _core, records
-from migrated.freeze import Freezer, ProcessGone, permission_message
+from migrated.freeze import Freezer, permission_message
 from migrated.records import BlockInfo
-from migrated.source import Block, Source, SourceError
+from migrated.source import Block, ProcessGone, Source, SourceError
 
 log = structlog.get_logger("migrated.procmem")
 

@@ -122,31 +122,40 @@ class FileSource(Source):
             self._fd = -1
 
 
-def process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, T, t, Z...), None if gone."""
+class ProcessGone(LocalError):
+    code = "process-exited"
+
+
+def process_state(pid: int, tid: int | None = None) -> str | None:
+    """The state letter (R, S, T, t, Z...) of a process, or of one of its
+    threads, from /proc; None if it is gone."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
+        with open(path, "rb") as fh:
             stat = fh.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
+    end = stat.rindex(b")")
+    return stat[end + 2 : end + 3].decode()
 
 
 class SignalPauser:
-    """Stops a process with SIGSTOP and resumes it with SIGCONT."""
+    """Stops a process with SIGSTOP, confirms the stop, resumes it with SIGCONT.
+    ``role`` names the process in messages (``--pause-pid``, ``process``)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, role: str = "--pause-pid"):
         self.pid = pid
+        self.role = role
         self.stopped = False
 
     def check(self) -> None:
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
-            raise SourceError(f"no process with pid {self.pid} (--pause-pid)") from None
+            raise SourceError(f"no process with pid {self.pid} ({self.role})") from None
         except PermissionError:
             raise SourceError(
-                f"not allowed to signal pid {self.pid} (--pause-pid): it belongs to another user; "
+                f"not allowed to signal pid {self.pid} ({self.role}): it belongs to another user; "
                 "run the sender as that user or as root"
             ) from None
 
@@ -156,18 +165,19 @@ class SignalPauser:
         self.stopped = True
         deadline = time.monotonic() + timeout
         while (state := process_state(self.pid)) not in ("T", "t"):
-            if state is None or state == "Z":
-                raise SourceError(f"process {self.pid} exited while being stopped")
+            if state in (None, "Z", "X"):
+                raise ProcessGone(f"process {self.pid} exited while being stopped")
             if time.monotonic() > deadline:
+                self.resume()  # undo our stop before giving up
                 raise SourceError(f"process {self.pid} did not stop within {timeout:g} s (state {state})")
             time.sleep(0.001)
-        log.info("stop_writer", pid=self.pid)
+        log.info("stop_process", pid=self.pid, role=self.role)
 
     def resume(self) -> None:
         if self.stopped:
             self.stopped = False
             try:
                 os.kill(self.pid, signal.SIGCONT)
-                log.info("resume_writer", pid=self.pid)
+                log.info("resume_process", pid=self.pid, role=self.role)
             except ProcessLookupError:
                 pass
