@@ -149,6 +149,12 @@ def _send(args: argparse.Namespace) -> int:
         raise UsageError("--max-iterations must be at least 1")
     if args.max_bandwidth is not None and args.max_bandwidth < 4096:
         raise UsageError("--max-bandwidth must be at least 4K (bytes per second)")
+    from migrated.store import check_name
+
+    try:
+        check_name(args.name)
+    except ValueError as exc:
+        raise UsageError(f"--name: {exc}") from None
     source = make_source(args)
     logsetup.configure(args.log_format, args.log_level)
     config = SendConfig(
@@ -174,24 +180,14 @@ def _send(args: argparse.Namespace) -> int:
     async def main() -> int:
         import structlog
 
-        from migrated.store import check_name
-
         structlog.contextvars.bind_contextvars(migration=args.name, peer=args.to)
-        try:
-            check_name(args.name)
-        except ValueError as exc:
-            print(f"migrated: {exc}", file=sys.stderr)
-            return EXIT_USAGE
         sender = Sender(source, config)
-        cancelled = False
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
                 async def on_signal():
-                    nonlocal cancelled
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for _ in signals:
-                            cancelled = True
                             scope.cancel()
 
                 nursery.start_soon(on_signal)
@@ -235,7 +231,7 @@ def _send(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     source.close()
         # only a signal gets here
-        assert cancelled
+        assert scope.cancelled_caught
         exc = MigrationCancelled("cancelled by a signal; the source was resumed")
         sender.status = "cancelled"
         sender.error = {"side": "sender", "code": exc.code, "message": str(exc)}
