@@ -253,7 +253,6 @@ class _Session:
         self.staging = self.receiver.store.begin(name, hello.page_size, hello.source)
         self.name = name
         self.receiver.busy.add(name)
-        self.conn.page_size = hello.page_size
 
     async def commit(self, digest: str, source_info: dict | None = None) -> None:
         self.conn.release_blocks()

@@ -103,11 +103,14 @@ class _Tracked:
 @dataclass
 class PassReport:
     number: int
-    pages: int = 0
     wire_bytes: int = 0
     seconds: float = 0.0
     xbzrle: bool = True
     stats: BatchStats = field(default_factory=BatchStats)
+
+    @property
+    def pages(self) -> int:
+        return self.stats.pages
 
 
 class Sender:
@@ -429,7 +432,6 @@ class Sender:
                         await self._write(stream, data)
         await self._write(stream, self.conn.send(EndOfPass(pass_no)))
         report.wire_bytes = self.transferred - sent_before
-        report.pages = report.stats.pages
         if not final:
             await self._wait(lambda: pass_no in self._acks, f"acknowledgement of pass {pass_no}", self.config.timeout)
             report.seconds = self._acks[pass_no] - start
