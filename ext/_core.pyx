@@ -12,6 +12,10 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset, memcmp
 from cpython.bytearray cimport PyByteArray_FromStringAndSize, PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.array cimport array, clone, resize
+from libc.errno cimport errno, EINTR
+from posix.uio cimport iovec, pwritev
+
+import os
 
 from migrated.errors import DecodeError, RecordError
 
@@ -848,6 +852,9 @@ cdef enum:
 NEED_DATA = R_NEED_DATA
 CONTROL = R_CONTROL
 
+cdef enum:
+    IOV_BATCH = 1024   # iovecs per pwritev (Linux's IOV_MAX)
+
 
 cdef class Applier:
     """Applies page records to writable block buffers (the receiver side).
@@ -865,9 +872,15 @@ cdef class Applier:
     cdef const uint8_t **idptr
     cdef Py_ssize_t *idlen
     cdef uint8_t *fresh
+    cdef int *fds
     cdef int current
     cdef public uint64_t zero_pages, normal_pages, xbzrle_pages, xbzrle_bytes
     cdef public bint allow_xbzrle
+    # whole pages for a fresh block with a file behind it, waiting to be
+    # written with one pwritev: consecutive pages of one block
+    cdef iovec *iov
+    cdef int niov, pend_blk
+    cdef uint64_t pend_off
 
     def __cinit__(self, Py_ssize_t page_size=4096):
         _check_page_size(page_size)
@@ -875,16 +888,51 @@ cdef class Applier:
         self.allow_xbzrle = True
         self.current = -1
         self._keep = []
+        self.iov = <iovec *>malloc(IOV_BATCH * sizeof(iovec))
+        if self.iov == NULL:
+            raise MemoryError()
 
     def __dealloc__(self):
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh)
+        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh); free(self.fds)
+        free(self.iov)
+
+    cdef int _flush(self) noexcept nogil:
+        """Write the pending pages; 0 or an errno."""
+        cdef int fd, first = 0
+        cdef ssize_t done
+        cdef uint64_t off = self.pend_off
+        if self.niov == 0:
+            return 0
+        fd = self.fds[self.pend_blk]
+        while first < self.niov:
+            done = pwritev(fd, self.iov + first, self.niov - first, off)
+            if done < 0:
+                if errno == EINTR:
+                    continue
+                self.niov = 0
+                return errno
+            if done == 0:
+                self.niov = 0
+                return 5  # EIO: a regular file that takes nothing
+            off += done
+            while first < self.niov and <size_t>done >= self.iov[first].iov_len:
+                done -= self.iov[first].iov_len
+                first += 1
+            if done:  # a short write inside one page
+                self.iov[first].iov_base = <uint8_t *>self.iov[first].iov_base + done
+                self.iov[first].iov_len -= done
+        self.niov = 0
+        return 0
 
     def set_blocks(self, blocks):
         """blocks: sequence of (id: bytes, writable buffer) or (id, buffer,
-        fresh). The buffers are held until the next call. The current block is
-        forgotten. A fresh block is known to be all zero bytes: a ZERO record
-        of fill 0 for it is not written (it would only fault in memory), until
-        clear_fresh()."""
+        fresh[, fd]). The buffers are held until the next call. The current
+        block is forgotten. A fresh block is known to be all zero bytes, until
+        clear_fresh(): a ZERO record of fill 0 for it is not written (it would
+        only fault in memory), and when the buffer maps a file open as fd,
+        whole pages are written to the file with pwritev rather than copied
+        through the mapping (a first write through a mapping faults each page
+        in, and the kernel reads, that is zero-fills, it before the copy)."""
         cdef list keep = []
         cdef int n = len(blocks), i
         cdef uint8_t[::1] mv
@@ -893,13 +941,15 @@ cdef class Applier:
         cdef const uint8_t **idptr = <const uint8_t **>calloc(max(n, 1), sizeof(uint8_t *))
         cdef Py_ssize_t *idl = <Py_ssize_t *>calloc(max(n, 1), sizeof(Py_ssize_t))
         cdef uint8_t *fresh = <uint8_t *>calloc(max(n, 1), 1)
-        if bptr == NULL or blen == NULL or idptr == NULL or idl == NULL or fresh == NULL:
-            free(bptr); free(blen); free(idptr); free(idl); free(fresh)
+        cdef int *fds = <int *>calloc(max(n, 1), sizeof(int))
+        if bptr == NULL or blen == NULL or idptr == NULL or idl == NULL or fresh == NULL or fds == NULL:
+            free(bptr); free(blen); free(idptr); free(idl); free(fresh); free(fds)
             raise MemoryError()
         try:
             for i, entry in enumerate(blocks):
                 bid, buf = entry[0], entry[1]
                 fresh[i] = 1 if len(entry) > 2 and entry[2] else 0
+                fds[i] = entry[3] if len(entry) > 3 and entry[3] is not None else -1
                 if not isinstance(bid, bytes) or not 1 <= len(bid) <= 255:
                     raise ValueError("block ids must be bytes of length 1 to 255")
                 mv = buf
@@ -909,11 +959,12 @@ cdef class Applier:
                 idptr[i] = <const uint8_t *><const char *>bid
                 idl[i] = len(bid)
         except BaseException:
-            free(bptr); free(blen); free(idptr); free(idl); free(fresh)
+            free(bptr); free(blen); free(idptr); free(idl); free(fresh); free(fds)
             raise
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh)
+        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh); free(self.fds)
         self.bptr, self.blen, self.idptr, self.idlen = bptr, blen, idptr, idl
-        self.fresh = fresh
+        self.fresh, self.fds = fresh, fds
+        self.niov = 0
         self.nblocks = n
         self._keep = keep
         self.current = -1
@@ -950,6 +1001,9 @@ cdef class Applier:
         cdef const uint8_t *src = &data[0] if n else NULL
         cdef uint8_t *page
         cdef size_t at = 0
+        cdef uint64_t pend_end
+        cdef bint must
+        cdef int wr = 0
         with nogil:
             while True:
                 rec = i
@@ -1006,6 +1060,19 @@ cdef class Applier:
                     err = E_PAST_BLOCK
                     break
                 page = self.bptr[blk] + offset
+                # pending writes keep stream order: a record for a page among
+                # them (or for another block, or one more than fits) writes
+                # them first
+                if self.niov:
+                    pend_end = self.pend_off + <uint64_t>(self.niov * ps)
+                    if kind == F_PAGE and self.fresh[blk] and self.fds[blk] >= 0:
+                        must = blk != self.pend_blk or offset != pend_end or self.niov == IOV_BATCH
+                    else:
+                        must = blk == self.pend_blk and self.pend_off <= offset < pend_end
+                    if must:
+                        wr = self._flush()
+                        if wr:
+                            break
                 if kind == F_ZERO:
                     if i >= n:
                         i = rec
@@ -1018,7 +1085,15 @@ cdef class Applier:
                     if n - i < ps:
                         i = rec
                         break
-                    memcpy(page, src + i, ps)
+                    if self.fresh[blk] and self.fds[blk] >= 0:
+                        if self.niov == 0:
+                            self.pend_blk = blk
+                            self.pend_off = offset
+                        self.iov[self.niov].iov_base = <void *>(src + i)
+                        self.iov[self.niov].iov_len = ps
+                        self.niov += 1
+                    else:
+                        memcpy(page, src + i, ps)
                     i += ps
                     self.normal_pages += 1
                 else:
@@ -1044,6 +1119,13 @@ cdef class Applier:
                     self.xbzrle_pages += 1
                     self.xbzrle_bytes += 3 + xlen
                 self.current = blk
+            if self.niov:  # the pending pages point into data
+                if wr == 0:
+                    wr = self._flush()
+                self.niov = 0
+        if wr:
+            self.position += rec
+            raise OSError(wr, f"cannot write pages to the image file: {os.strerror(wr)}")
         if err:
             at_stream = self.position + rec
             self.position += rec

@@ -36,6 +36,7 @@ log = structlog.get_logger("migrated.receiver")
 
 RECEIVE_CHUNK = 4 << 20
 READ_AHEAD_CHUNKS = 2  # received chunks waiting while one is applied
+RING_BUFFERS = READ_AHEAD_CHUNKS + 3  # + the one applied, the one being received, a spare
 THREAD_THRESHOLD = 64 << 10  # apply in a worker thread above this much buffered data
 
 
@@ -171,19 +172,29 @@ class _Session:
 
     async def read_stream(self, chunks: trio.MemorySendChannel) -> None:
         """Receive from the sender while earlier chunks are being applied;
-        the channel's small bound keeps memory bounded (backpressure)."""
+        the channel's small bound keeps memory bounded (backpressure).
+
+        Data lands in a ring of buffers, so receiving allocates nothing. A
+        buffer is reused only once the protocol object has let go of it: it
+        holds the latest chunk until the next one arrives, the channel holds
+        up to READ_AHEAD_CHUNKS and one more is being received.
+        """
         # the channel is not closed on an error: the applying side must see
         # the error (through the nursery), not an end of data
+        ring = [memoryview(bytearray(RECEIVE_CHUNK)) for _ in range(RING_BUFFERS)]
+        turn = 0
         while True:
+            buf = ring[turn % RING_BUFFERS]
+            turn += 1
             with trio.move_on_after(self.config.idle_timeout) as idle:
                 try:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+                    n = await receive_into(self.stream, buf)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise PeerGone(f"connection lost: {exc.__cause__ or exc}") from None
             if idle.cancelled_caught:
                 raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
-            await chunks.send(data)
-            if not data:
+            await chunks.send(buf[:n])
+            if not n:
                 return
 
     async def next_event(self, chunks: trio.MemoryReceiveChannel):
@@ -289,6 +300,20 @@ class _Session:
         if self.name is not None:
             self.receiver.busy.discard(self.name)
             self.name = None
+
+
+async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
+    """Receive at most ``len(view)`` bytes into ``view``; 0 at the end of
+    the stream. A TCP stream receives in place (no new buffer per call);
+    other streams (TLS, in-memory) copy from ``receive_some``."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return await stream.socket.recv_into(view)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+    data = await stream.receive_some(len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 def _address(sockaddr) -> str:

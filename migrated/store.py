@@ -161,9 +161,9 @@ class Staging:
 
     def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
         """Follow a block list: resize kept blocks, create new ones, delete
-        dropped ones. Returns ``[(id, writable buffer, fresh)]`` for the
-        applier (fresh: created by this call, so all zeros); the previous
-        buffers must no longer be in use."""
+        dropped ones. Returns ``[(id, writable buffer, fresh, fd)]`` for the
+        applier (fresh: created by this call, so all zeros; fd: the file the
+        buffer maps); the previous buffers must no longer be in use."""
         ids = [b.id for b in blocks]
         if len(set(ids)) != len(ids):
             raise RecordError("block list names a block twice", 0)
@@ -186,8 +186,9 @@ class Staging:
             else:
                 f.info = b
         self.order = ids
-        # a block file made just now is all zeros: the applier may skip zero fills
-        return [(bid.encode(), self.blocks[bid].map, bid in created) for bid in ids]
+        # a block file made just now is all zeros: the applier may skip zero
+        # fills, and writes its whole pages to the file rather than the map
+        return [(bid.encode(), self.blocks[bid].map, bid in created, self.blocks[bid].fd) for bid in ids]
 
     def write_back(self) -> None:
         """Flush dirty pages of every block file (fdatasync covers pages
