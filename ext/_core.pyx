@@ -697,11 +697,29 @@ BATCH_COUNTERS = ("zero_pages", "normal_pages", "normal_bytes", "xbzrle_pages",
                   "unchanged", "record_bytes")
 
 
-def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf block,
-                 const uint64_t[::1] pages, int options, hashes=None):
-    """Frame the records for `pages` of one block into a new bytearray.
+cpdef Py_ssize_t encode_capacity(Py_ssize_t npages, Py_ssize_t id_length, Py_ssize_t page_size):
+    """The most bytes encode_batch can write for npages pages."""
+    return 1 + id_length + npages * (8 + 3 + page_size)
 
-    Returns (data, counters) with counters ordered as BATCH_COUNTERS.
+
+_ZERO_PAGE_HASH = {}  # page size -> page hash of an all-zero page
+
+
+cdef uint64_t _zero_page_hash(Py_ssize_t ps):
+    h = _ZERO_PAGE_HASH.get(ps)
+    if h is None:
+        zeros = bytes(ps)
+        h = _ZERO_PAGE_HASH[ps] = xb_page_hash(<const uint8_t *><const char *>zeros, ps)
+    return h
+
+
+def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf block,
+                 const uint64_t[::1] pages, int options, hashes=None, into=None):
+    """Frame the records for `pages` of one block into a new bytearray, or
+    into `into` (a writable buffer of at least encode_capacity() bytes).
+
+    Returns (data, counters): data is the bytearray, or a memoryview of the
+    used part of `into`; counters are ordered as BATCH_COUNTERS.
     """
     cdef Py_ssize_t ps = cache.page_size, length = block.shape[0]
     cdef Py_ssize_t npages_block = (length + ps - 1) // ps
@@ -721,9 +739,17 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
         hv = hashes
         if hv.shape[0] < npages_block:
             raise ValueError("hash array is shorter than the block")
-    cdef Py_ssize_t cap = 1 + idlen + n * (8 + 3 + ps)
-    out_obj = PyByteArray_FromStringAndSize(NULL, cap)
-    cdef uint8_t *out = <uint8_t *>PyByteArray_AS_STRING(out_obj)
+    cdef Py_ssize_t cap = encode_capacity(n, idlen, ps)
+    cdef uint8_t[::1] given
+    cdef uint8_t *out
+    if into is None:
+        out_obj = PyByteArray_FromStringAndSize(NULL, cap)
+        out = <uint8_t *>PyByteArray_AS_STRING(out_obj)
+    else:
+        given = into
+        if given.shape[0] < cap:
+            raise ValueError(f"output buffer of {given.shape[0]} bytes is smaller than {cap}")
+        out = &given[0]
     cdef uint8_t *snap = <uint8_t *>malloc(ps)
     if snap == NULL:
         raise MemoryError()
@@ -737,6 +763,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef bint first = True
     cdef bint use_cache = cache.max_entries > 0
     cdef uint8_t *pg
+    cdef uint64_t zero_hash = _zero_page_hash(ps)
     with nogil:
         for i in range(n):
             p = pages[i]
@@ -759,9 +786,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
             else:
                 memcpy(pg, &block[p * ps], avail)
                 memset(pg + avail, 0, ps - avail)
-            if with_hashes:
-                hv[p] = xb_page_hash(pg, ps)
             if xb_is_uniform(pg, ps):
+                if with_hashes:
+                    hv[p] = zero_hash if pg[0] == 0 else xb_page_hash(pg, ps)
                 flags |= F_ZERO
                 # out[d] is pg[0] already: the fill byte
                 d += 1
@@ -769,6 +796,8 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                 if use_cache:
                     cache.store(key, NULL, pg[0])
             else:
+                if with_hashes:
+                    hv[p] = xb_page_hash(pg, ps)
                 e = -1
                 if use_cache and (options & OPT_LOOKUP):
                     c_lookups += 1
@@ -812,8 +841,12 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
             _put_be64(out + hdr, (<uint64_t>p * ps) | flags)
             first = False
     free(snap)
-    PyByteArray_Resize(out_obj, d)
-    return out_obj, (c_zero, c_normal, c_normal * ps, c_xpages, c_xbytes, c_lookups,
+    if into is None:
+        PyByteArray_Resize(out_obj, d)
+        data = out_obj
+    else:
+        data = memoryview(into)[:d]
+    return data, (c_zero, c_normal, c_normal * ps, c_xpages, c_xbytes, c_lookups,
                      c_miss, c_overflow, c_unchanged, d)
 
 

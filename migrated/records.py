@@ -109,7 +109,8 @@ def encode_batch(
     first_pass: bool = False,
     seed_cache: bool = True,
     hashes=None,
-) -> tuple[bytearray, BatchStats]:
+    into=None,
+) -> tuple[bytearray | memoryview, BatchStats]:
     """Frame the records for ``pages`` (an ``array('Q')``) of one block.
 
     Each page is copied to a private snapshot first; the record, the cache
@@ -118,6 +119,8 @@ def encode_batch(
     overflow, nothing at all when unchanged) and a miss as PAGE, cached. In a
     ``first_pass`` the cache is not consulted, and is filled only with
     ``seed_cache``. With ``xbzrle`` off pages go raw and leave the cache.
+    The records go to a new bytearray, or into ``into`` (a buffer of at least
+    ``encode_capacity`` bytes), returning a view of the part used.
     """
     options = 0
     if xbzrle:
@@ -126,11 +129,12 @@ def encode_batch(
             options |= _core.OPTION_LOOKUP | _core.OPTION_INSERT
         elif seed_cache:
             options |= _core.OPTION_INSERT
-    data, counters = _core.encode_batch(cache, block_index, block_id, block, pages, options, hashes)
+    data, counters = _core.encode_batch(cache, block_index, block_id, block, pages, options, hashes, into)
     return data, BatchStats(*counters)
 
 
 Applier = _core.Applier
+encode_capacity = _core.encode_capacity
 NEED_DATA = _core.NEED_DATA
 AT_CONTROL = _core.CONTROL
 scan = _core.scan

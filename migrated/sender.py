@@ -43,6 +43,7 @@ from migrated.source import Block, Source
 log = structlog.get_logger("migrated.sender")
 
 BATCH_PAGES = 1024  # pages per encode call (4 MiB of 4 KiB pages)
+ENCODED_AHEAD = 1  # encoded batches waiting for the socket
 WRITE_SLICE = 256 << 10  # bytes per socket write when rate-limited
 MIN_MEASURE_BYTES = 1 << 20  # a pass smaller than this does not update the bandwidth
 MISS_RATE_OFF = 0.9
@@ -149,6 +150,11 @@ class Sender:
         self._xbzrle_off_until = -1
         self._off_backoff = 1
         self._cache_cold = True
+        # encode buffers, reused: a fresh 4 MiB allocation per batch would
+        # fault in new memory every time (one being encoded, ENCODED_AHEAD
+        # waiting, one being sent)
+        capacity = records.encode_capacity(BATCH_PAGES, 255, config.page_size)
+        self._buffers = [bytearray(capacity) for _ in range(ENCODED_AHEAD + 2)]
 
     # -- wire ------------------------------------------------------------
 
@@ -402,13 +408,19 @@ class Sender:
             self._cache_cold = not seed
         start = trio.current_time()
         sent_before = self.transferred
-        send_ch, recv_ch = trio.open_memory_channel(1)
+        send_ch, recv_ch = trio.open_memory_channel(ENCODED_AHEAD)
 
         async def produce():
+            turn = 0
             async with send_ch:
                 for t, block, pages in plan:
                     bid = t.info.id_bytes
                     for i in range(0, len(pages), BATCH_PAGES):
+                        # one buffer is being encoded, ENCODED_AHEAD wait in
+                        # the channel and one is being sent: the next in the
+                        # ring is free
+                        into = self._buffers[turn % len(self._buffers)]
+                        turn += 1
                         data, stats = await trio.to_thread.run_sync(
                             _encode,
                             self.cache,
@@ -420,6 +432,7 @@ class Sender:
                             first,
                             seed,
                             t.hashes,
+                            into,
                         )
                         report.stats += stats
                         await send_ch.send(data)
@@ -541,9 +554,9 @@ class Sender:
         return summary
 
 
-def _encode(cache, index, bid, view, pages, xbzrle, first, seed, hashes):
+def _encode(cache, index, bid, view, pages, xbzrle, first, seed, hashes, into):
     return encode_batch(
-        cache, index, bid, view, pages, xbzrle=xbzrle, first_pass=first, seed_cache=seed, hashes=hashes
+        cache, index, bid, view, pages, xbzrle=xbzrle, first_pass=first, seed_cache=seed, hashes=hashes, into=into
     )
 
 
