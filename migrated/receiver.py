@@ -30,7 +30,7 @@ from migrated.protocol import (
     check_page_size,
     negotiate,
 )
-from migrated.store import ImageStore, Staging
+from migrated.store import ImageStore, Staging, storage_error
 
 log = structlog.get_logger("migrated.receiver")
 
@@ -200,10 +200,13 @@ class _Session:
     async def next_event(self, chunks: trio.MemoryReceiveChannel):
         conn = self.conn
         while True:
-            if conn.buffered >= THREAD_THRESHOLD:
-                event = await trio.to_thread.run_sync(conn.next_event)
-            else:
-                event = conn.next_event()
+            try:
+                if conn.buffered >= THREAD_THRESHOLD:
+                    event = await trio.to_thread.run_sync(conn.next_event)
+                else:
+                    event = conn.next_event()
+            except OSError as exc:  # writing pages to a block file
+                raise storage_error(exc, f"cannot write pages of image {self.name!r}") from None
             if event is not NEED_DATA:
                 return event
             data = await chunks.receive()

@@ -44,6 +44,14 @@ class NoSpace(StoreError):
     code = "no-space"
 
 
+def storage_error(exc: OSError, what: str) -> StoreError:
+    """The store's error for an OSError: a full disk or quota is NoSpace."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NoSpace(f"{what}: not enough space ({reason})")
+    return StoreError(f"{what}: {reason}")
+
+
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise RecordError(
@@ -123,11 +131,8 @@ class _BlockFile:
             elif alloc > self.alloc:
                 os.posix_fallocate(self.fd, self.alloc, alloc - self.alloc)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise NoSpace(
-                    f"no space for block {info.id!r} ({alloc} bytes) in {self.path.parent}: {exc.strerror}"
-                ) from None
-            raise StoreError(f"cannot size {self.path}: {exc.strerror}") from None
+            raise storage_error(exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {self.path.parent}") \
+                from None
         self.alloc = alloc
         self.info = info
         self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()

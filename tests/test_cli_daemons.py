@@ -213,7 +213,7 @@ def test_receiver_out_of_space_fails_clearly_and_keeps_serving(tmp_path):
         r = send("--source", f"file:{src}", "--to", address, "--name", "big")
         assert r.returncode == 1
         last = r.stderr.strip().splitlines()[-1]
-        assert "failed (receiver): no-space" in last and "no space for block" in last
+        assert "failed (receiver): no-space" in last and "not enough space" in last
         assert staging_left(tmp_path / "images") == []
         small = tmp_path / "small.img"
         make_image(small, 256 << 10)

@@ -343,6 +343,40 @@ async def test_dropped_sender_keeps_the_previous_image(tmp_path):
         assert staging_left(images) == []
 
 
+async def test_a_failed_page_write_fails_the_migration_and_keeps_the_image(tmp_path, monkeypatch):
+    """The receiver cannot write a block file (here: its descriptor is made
+    read-only): the sender reports the receiver's store error, the previous
+    image stays, and the receiver keeps serving."""
+    from migrated.store import Staging
+
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    data = make_image(src, 4 * MiB)
+    async with running_receiver(images) as rx:
+        await migrate(rx.port, FileSource(str(src)), name="w")
+        make_image(src, 4 * MiB, seed=3)
+        original = Staging.set_blocks
+        opened = []
+
+        def read_only_blocks(self, blocks):
+            entries = original(self, blocks)
+            opened.extend(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) for _, _, _, fd in entries)
+            return [(bid, buf, fresh, ro) for (bid, buf, fresh, _), ro in zip(entries, opened[-len(entries):])]
+
+        monkeypatch.setattr(Staging, "set_blocks", read_only_blocks)
+        with pytest.raises(PeerError) as err:
+            await migrate(rx.port, FileSource(str(src)), name="w")
+        assert err.value.code == "store"
+        assert "cannot write pages of image 'w'" in str(err.value) and "Bad file descriptor" in str(err.value)
+        assert image_bytes(images, "w") == data
+        assert staging_left(images) == []
+        monkeypatch.undo()
+        await migrate(rx.port, FileSource(str(src)), name="w")
+        assert image_bytes(images, "w") == src.read_bytes()
+    for fd in opened:
+        os.close(fd)
+
+
 async def test_shutdown_aborts_stalled_migrations_after_the_grace(tmp_path):
     images = tmp_path / "images"
     from migrated.receiver import Receiver, ReceiverConfig

@@ -3,6 +3,7 @@ concurrent writer, chunked feeding, malformed records, and the dirty scan."""
 from __future__ import annotations
 
 import mmap
+import os
 import random
 import struct
 import threading
@@ -364,3 +365,160 @@ def test_fresh_blocks_skip_zero_fills_until_cleared():
     a.clear_fresh()
     a.apply(data)
     assert target == src
+
+
+# -- fresh file-backed blocks: whole pages go to the file with pwritev ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from migrated import xbzrle  # noqa: E402
+
+
+class FileBlocks:
+    """Block files as the receiver's store makes them: sized, mapped shared,
+    and open for pwritev."""
+
+    def __init__(self, tmp_path, sizes, fd_flags=os.O_RDWR):
+        self.fds, self.maps, self.paths = {}, {}, {}
+        for bid, size in sizes.items():
+            path = tmp_path / f"{bid.decode()}.mem"
+            with open(path, "wb") as fh:
+                fh.truncate(size)
+            rw = os.open(path, os.O_RDWR)
+            self.maps[bid] = mmap.mmap(rw, size)
+            os.close(rw)
+            self.fds[bid] = os.open(path, fd_flags)
+            self.paths[bid] = path
+
+    def entries(self, fresh=True):
+        return [(bid, self.maps[bid], fresh, self.fds[bid]) for bid in self.maps]
+
+    def file_bytes(self, bid):
+        return self.paths[bid].read_bytes()
+
+    def close(self):
+        for m in self.maps.values():
+            m.close()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def feed(applier, data, chunk):
+    buf = bytearray()
+    view = memoryview(data)
+    for i in range(0, len(view), chunk):
+        buf += view[i : i + chunk]
+        consumed, reason = applier.apply(buf)
+        assert reason == records.NEED_DATA
+        del buf[:consumed]
+    assert not buf
+
+
+@pytest.mark.parametrize("chunk", [5000, 1 << 20, 64 << 20])
+def test_fresh_file_blocks_get_whole_pages_through_the_file(tmp_path, chunk):
+    """Pass 0 into new block files: more consecutive pages than one pwritev
+    takes, zero pages between them, two blocks; the files hold the source."""
+    rng = random.Random(chunk)
+    a = bytearray(rng.randbytes(1500 * PS))
+    a[100 * PS : 140 * PS] = bytes(40 * PS)  # zero pages break the run of whole pages
+    b = bytearray(rng.randbytes(30 * PS))
+    files = FileBlocks(tmp_path, {b"a": len(a), b"b": len(b)})
+    try:
+        ap = Applier(PS)
+        ap.set_blocks(files.entries())
+        cache = PageCache(0)
+        stream = bytearray()
+        for index, (bid, src) in enumerate([(b"a", a), (b"b", b)]):
+            data, _ = encode_batch(cache, index, bid, src, records.page_range(0, len(src) // PS), first_pass=True)
+            stream += data
+        feed(ap, stream, chunk)
+        assert ap.normal_pages == 1500 - 40 + 30 and ap.zero_pages == 40
+        assert files.file_bytes(b"a") == a and files.file_bytes(b"b") == b
+        assert files.maps[b"a"][:] == a  # the mapping sees what went through the file
+    finally:
+        ap.release()
+        files.close()
+
+
+def frame(bid: bytes, page: int, kind: str, payload: bytes) -> bytes:
+    flag = {"page": Flag.PAGE, "zero": Flag.ZERO, "xbzrle": Flag.XBZRLE}[kind]
+    return be64(page * PS | flag) + bytes([len(bid)]) + bid + payload
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from([b"a", b"b"]),
+        st.integers(0, 7),
+        st.sampled_from(["page", "page", "zero", "xbzrle"]),
+        st.integers(1, 255),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, chunk=st.integers(1, 70000))
+def test_file_writes_keep_stream_order(tmp_path_factory, ops, chunk):
+    """Any sequence of records (a page sent twice, a delta or a fill right
+    after a whole page of the same page still waiting to be written, blocks
+    interleaved) leaves the files exactly as applying the records one by one
+    to plain memory does."""
+    tmp = tmp_path_factory.mktemp("order")
+    model = {b"a": bytearray(8 * PS), b"b": bytearray(8 * PS)}
+    stream = bytearray()
+    for bid, page, kind, seed in ops:
+        cur = model[bid][page * PS : (page + 1) * PS]
+        if kind == "page":
+            new = random.Random(seed).randbytes(PS)
+            stream += frame(bid, page, kind, new)
+        elif kind == "zero":  # a non-zero fill: a fresh block skips only zero fills
+            new = bytes([seed]) * PS
+            stream += frame(bid, page, kind, bytes([seed]))
+        else:
+            new = bytearray(cur)
+            new[seed * 13 % PS] ^= seed
+            new[seed * 7 % PS] ^= 0x5A
+            delta = xbzrle.encode(bytes(cur), bytes(new))
+            if delta is None or not delta:
+                continue
+            stream += frame(bid, page, kind, bytes([records.ENCODING_XBZRLE]) + struct.pack(">H", len(delta)) + delta)
+        model[bid][page * PS : (page + 1) * PS] = new
+    files = FileBlocks(tmp, {b"a": 8 * PS, b"b": 8 * PS})
+    ap = Applier(PS)
+    try:
+        ap.set_blocks(files.entries())
+        feed(ap, stream, chunk)
+        assert files.file_bytes(b"a") == model[b"a"] and files.file_bytes(b"b") == model[b"b"]
+    finally:
+        ap.release()
+        files.close()
+
+
+def test_a_failed_file_write_is_an_os_error_naming_it(tmp_path):
+    src = bytearray(random.Random(5).randbytes(4 * PS))
+    files = FileBlocks(tmp_path, {b"a": len(src)}, fd_flags=os.O_RDONLY)  # pwritev gets EBADF
+    ap = Applier(PS)
+    try:
+        ap.set_blocks(files.entries())
+        data, _ = encode_batch(PageCache(0), 0, b"a", src, records.page_range(0, 4), first_pass=True)
+        with pytest.raises(OSError, match="cannot write pages to the image file: Bad file descriptor"):
+            ap.apply(data)
+        ap.set_blocks(files.entries(fresh=False))  # not fresh: pages are copied through the mapping
+        assert ap.apply(data) == (len(data), records.NEED_DATA)
+        assert files.maps[b"a"][:] == src
+    finally:
+        ap.release()
+        files.close()
+
+
+def test_encode_into_a_given_buffer_matches_a_new_one():
+    src = bytearray(random.Random(6).randbytes(64 * PS))
+    src[: 8 * PS] = bytes(8 * PS)
+    pages = records.page_range(0, 64)
+    expect, st1 = encode_batch(PageCache(0), 0, b"ram", src, pages, first_pass=True)
+    into = bytearray(records.encode_capacity(64, 3, PS))
+    got, st2 = encode_batch(PageCache(0), 0, b"ram", src, pages, first_pass=True, into=into)
+    assert bytes(got) == bytes(expect) and st1 == st2
+    with pytest.raises(ValueError, match="smaller than"):
+        encode_batch(PageCache(0), 0, b"ram", src, pages, into=bytearray(100))
