@@ -705,11 +705,13 @@ cpdef Py_ssize_t encode_capacity(Py_ssize_t npages, Py_ssize_t id_length, Py_ssi
 _ZERO_PAGE_HASH = {}  # page size -> page hash of an all-zero page
 
 
-cdef uint64_t _zero_page_hash(Py_ssize_t ps):
-    h = _ZERO_PAGE_HASH.get(ps)
+cpdef uint64_t zero_page_hash(Py_ssize_t page_size) except? 0:
+    """The page hash of a page of zero bytes."""
+    h = _ZERO_PAGE_HASH.get(page_size)
     if h is None:
-        zeros = bytes(ps)
-        h = _ZERO_PAGE_HASH[ps] = xb_page_hash(<const uint8_t *><const char *>zeros, ps)
+        _check_page_size(page_size)
+        zeros = bytes(page_size)
+        h = _ZERO_PAGE_HASH[page_size] = xb_page_hash(<const uint8_t *><const char *>zeros, page_size)
     return h
 
 
@@ -763,7 +765,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef bint first = True
     cdef bint use_cache = cache.max_entries > 0
     cdef uint8_t *pg
-    cdef uint64_t zero_hash = _zero_page_hash(ps)
+    cdef uint64_t zero_hash = zero_page_hash(ps)
     with nogil:
         for i in range(n):
             p = pages[i]

@@ -15,6 +15,7 @@ space first, so a full disk is a clear error rather than a SIGBUS.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import mmap
 import os
@@ -22,13 +23,14 @@ import re
 import secrets
 import shutil
 import time
+from array import array
 from pathlib import Path
 
 import structlog
 
 from migrated import __version__
 from migrated.errors import LocalError, RecordError
-from migrated.records import BlockInfo, image_digest, page_hashes
+from migrated.records import BlockInfo, image_digest, page_hashes, zero_page_hash
 
 log = structlog.get_logger("migrated.store")
 
@@ -108,6 +110,19 @@ class ImageStore:
         return Staging(self, name, page_size, source)
 
 
+def _seek(fd: int, pos: int, whence: int, end: int) -> int:
+    """lseek for SEEK_DATA/SEEK_HOLE, at most ``end``; a file system without
+    them is all data."""
+    try:
+        return min(os.lseek(fd, pos, whence), end)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data after pos
+            return end
+        if exc.errno == errno.EINVAL:
+            return pos if whence == os.SEEK_DATA else end
+        raise
+
+
 class _BlockFile:
     __slots__ = ("info", "path", "fd", "map", "alloc")
 
@@ -136,6 +151,25 @@ class _BlockFile:
         self.alloc = alloc
         self.info = info
         self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()
+
+    def hashes(self) -> array:
+        """The hash of every page. Holes in the file (never written, so they
+        read as zeros) get the zero page's hash without being read: reading
+        them would fill the page cache with zeros first."""
+        ps, length = self.info.page_size, self.info.length
+        out = array("Q")
+        zero = zero_page_hash(ps)
+        with memoryview(self.map) as mv:
+            pos = 0
+            while pos < length:
+                data = _seek(self.fd, pos, os.SEEK_DATA, length) // ps * ps
+                out.extend(itertools.repeat(zero, (data - pos) // ps))
+                if data >= length:
+                    break
+                end = min(-(-_seek(self.fd, data, os.SEEK_HOLE, length) // ps) * ps, length)
+                out += page_hashes(mv[data:end], ps)
+                pos = end
+        return out
 
     def unmap(self) -> None:
         if isinstance(self.map, mmap.mmap):
@@ -204,12 +238,7 @@ class Staging:
 
     def digest(self) -> str:
         """Digest of the pages held, computed as the sender computes it."""
-        entries = []
-        for bid in self.order:
-            f = self.blocks[bid]
-            with memoryview(f.map) as mv:
-                entries.append((bid, f.info.length, page_hashes(mv[: f.info.length], self.page_size)))
-        return image_digest(entries)
+        return image_digest((bid, self.blocks[bid].info.length, self.blocks[bid].hashes()) for bid in self.order)
 
     def commit(self, digest: str, source_info: dict | None = None) -> Path:
         """Make this the committed image of its name, atomically and durably."""

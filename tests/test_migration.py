@@ -412,6 +412,31 @@ def test_receiver_digest_matches_an_independent_computation(tmp_path):
     assert image_digest([("ram2", len(data), page_hashes(data))]) != d1
 
 
+@pytest.mark.parametrize("length", [64 * 4096, 64 * 4096 - 1000])
+def test_block_hashes_skip_holes_and_equal_hashing_every_byte(tmp_path, length):
+    """Block files are sparse where nothing was written; their hashes skip
+    the holes (zeros by definition) and still equal hashing every page,
+    whatever is written where, the last partial page included."""
+    from migrated.records import BlockInfo
+    from migrated.store import ImageStore
+
+    staging = ImageStore(tmp_path / "images").begin("holes", 4096)
+    try:
+        ((_, buf, fresh, fd),) = staging.set_blocks([BlockInfo("ram", length, 4096)])
+        assert fresh
+        rng = __import__("random").Random(length)
+        for start, size in [(0, 3 * 4096), (5000, 1), (20 * 4096, 4096), (40 * 4096 + 17, 9000)]:
+            os.pwrite(fd, rng.randbytes(size), start)
+        buf[50 * 4096 + 3] = 0xAB  # through the mapping too
+        if length % 4096:
+            buf[length - 1] = 0xCD  # the last partial page
+        content = bytes(buf[:length])
+        assert staging.blocks["ram"].hashes() == page_hashes(content)
+        assert staging.digest() == image_digest([("ram", length, page_hashes(content))])
+    finally:
+        staging.discard()
+
+
 async def test_stale_staging_from_a_crash_is_removed_at_start(tmp_path):
     images = tmp_path / "images"
     src = tmp_path / "src.img"
