@@ -250,7 +250,7 @@ def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=N
     if "e2e" in wanted:
         from migrated import bench_e2e
 
-        result["e2e"] = bench_e2e.run_e2e(progress=progress)
+        result["e2e"] = bench_e2e.run_e2e(repeat=repeat, progress=progress)
     if "experiment" in wanted:
         from migrated import bench_e2e
 

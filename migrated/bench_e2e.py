@@ -86,6 +86,13 @@ def socket_copy_seconds(path: Path, to_file: Path | None = None) -> float:
     return seconds
 
 
+def _remove_image(link: Path) -> None:
+    """Remove a committed image: the name is a symlink to its version."""
+    if link.is_symlink():
+        shutil.rmtree(link.resolve(), ignore_errors=True)
+        link.unlink()
+
+
 def migrate_cli(receiver: ReceiverProcess, source: str, name: str, *args: str, timeout: float = 600) -> dict:
     r = subprocess.run(
         [*CLI, "send", "--source", source, "--to", receiver.address, "--name", name, "--json", *args],
@@ -141,7 +148,7 @@ def wire_bytes_per_sparse_page() -> dict:
     return {"pages": p1["pages"], "wire_bytes": p1["wire_bytes"], "bytes_per_page": p1["wire_bytes"] / p1["pages"]}
 
 
-def run_e2e(size_mib: int = 1024, repeat: int = 2, progress=None) -> dict:
+def run_e2e(size_mib: int = 1024, repeat: int = 3, progress=None) -> dict:
     note = progress or (lambda msg: None)
     with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmp:
         tmp = Path(tmp)
@@ -159,7 +166,7 @@ def run_e2e(size_mib: int = 1024, repeat: int = 2, progress=None) -> dict:
             for i in range(repeat):
                 summary = migrate_cli(receiver, f"file:{src}", f"e2e{i}", "--downtime-limit", "10s")
                 best_pass0 = min(best_pass0, summary["passes"][0]["seconds"])
-                shutil.rmtree(receiver.dir / f"e2e{i}", ignore_errors=True)
+                _remove_image(receiver.dir / f"e2e{i}")
         finally:
             receiver.stop()
         note(f"e2e: pass 0 {size / best_pass0 / 1e6:.0f} MB/s")
@@ -231,7 +238,7 @@ def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), m
                     }
                     rows.append(row)
                     note(f"experiment {bw} xbzrle={xbzrle}: {row}")
-                    shutil.rmtree(receiver.dir / f"exp-{bw}-{int(xbzrle)}", ignore_errors=True)
+                    _remove_image(receiver.dir / f"exp-{bw}-{int(xbzrle)}")
             slowdown = loadgen_slowdown(receiver)
         finally:
             receiver.stop()
