@@ -8,9 +8,14 @@ Layout under the receiver's ``--dir``::
     .NAME.staging-<token>/       a migration in progress
 
 A reader who opens ``NAME`` sees the previous complete image or the new one,
-never a mix. Block files are written through shared mmaps, so the receiver's
-own memory does not grow with the image; ``posix_fallocate`` reserves their
-space first, so a full disk is a clear error rather than a SIGBUS.
+never a mix. Block files are mapped shared: deltas and fills are applied
+through the mapping, and whole pages of a new file are written to it with
+``pwritev`` (a first write through a mapping faults every page in and has
+the kernel zero-fill it before the copy; that was two thirds of the
+receiver's time in pass 0). Either way the pages live in the page cache, so
+the receiver's own memory does not grow with the image. ``posix_fallocate``
+reserves the space first, so a full disk is a clear error rather than a
+SIGBUS.
 """
 from __future__ import annotations
 
