@@ -17,7 +17,29 @@ from posix.uio cimport iovec, pwritev
 
 import os
 
-from migrated.errors import DecodeError, RecordError
+from migrated.errors import DecodeError, RecordError, SourceFault
+
+
+cdef extern from "fault_guard.h" nogil:
+    ctypedef struct xb_guard_t:
+        uint64_t faults
+        size_t first
+    int xb_guard_install()
+    void xb_guard_arm(xb_guard_t *g, const uint8_t *p, size_t n)
+    void xb_guard_disarm()
+
+if xb_guard_install() != 0:
+    raise ImportError(f"cannot install the SIGBUS handler: {os.strerror(errno)}")
+
+
+cdef inline int _check_guard(xb_guard_t *g, const uint8_t *base, Py_ssize_t length) except -1:
+    """Raise SourceFault when a guarded loop over base[0..length) faulted."""
+    if g.faults:
+        raise SourceFault(
+            f"the source shrank while it was being read: byte {<size_t>g.first - <size_t>base} of a "
+            f"{length}-byte block is gone ({g.faults} page(s) faulted; was a source file truncated?)"
+        )
+    return 0
 
 
 cdef extern from "xbzrle_kernel.h" nogil:
@@ -207,14 +229,18 @@ def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
     cdef array out = clone(array("Q"), npages, False)
     cdef uint64_t[::1] ov = out
     cdef uint8_t scratch[16384]
+    cdef xb_guard_t guard
     if npages:
         with nogil:
+            xb_guard_arm(&guard, &block[0], length)
             for p in range(npages):
                 h = _hash_page(&block[0], length, p, page_size, scratch)
                 if h != hashes[p]:
                     hashes[p] = h
                     ov[n] = p
                     n += 1
+            xb_guard_disarm()
+        _check_guard(&guard, &block[0], length)
     resize(out, n)
     return out
 
@@ -766,7 +792,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef bint use_cache = cache.max_entries > 0
     cdef uint8_t *pg
     cdef uint64_t zero_hash = zero_page_hash(ps)
+    cdef xb_guard_t guard
     with nogil:
+        xb_guard_arm(&guard, &block[0] if length else NULL, length)
         for i in range(n):
             p = pages[i]
             key = (block_index << 40) | p
@@ -842,7 +870,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                     c_normal += 1
             _put_be64(out + hdr, (<uint64_t>p * ps) | flags)
             first = False
+        xb_guard_disarm()
     free(snap)
+    _check_guard(&guard, &block[0] if length else NULL, length)
     if into is None:
         PyByteArray_Resize(out_obj, d)
         data = out_obj

@@ -23,6 +23,13 @@ class LocalError(MigrationError):
     code = "local"
 
 
+class SourceFault(LocalError):
+    """Memory the sender was reading went away under it (a mapped source
+    file truncated mid-pass)."""
+
+    code = "source"
+
+
 class RemoteError(MigrationError):
     """The peer sent invalid data or reported a failure."""
 

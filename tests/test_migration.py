@@ -377,6 +377,39 @@ async def test_a_failed_page_write_fails_the_migration_and_keeps_the_image(tmp_p
         os.close(fd)
 
 
+async def test_source_file_truncated_mid_pass_fails_cleanly(tmp_path):
+    """The source file shrinks between the sender mapping it and reading it
+    (a SIGBUS without the guard): the sender fails with a source error that
+    says so, the paused writer runs again, the previous image stays."""
+
+    class Truncated(FileSource):
+        refreshes = 0
+
+        def refresh(self):
+            blocks = super().refresh()
+            self.refreshes += 1
+            if self.refreshes == 2:  # mapped at full size, then cut before the scan
+                os.truncate(self.path, 1 * MiB)
+            return blocks
+
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    data = make_image(src, 4 * MiB)
+    async with running_receiver(images) as rx:
+        await migrate(rx.port, FileSource(str(src)), name="cut")
+        with trio.fail_after(60), writer(src, "--stride", "4096") as w:
+            with pytest.raises(MigrationError) as err:
+                await migrate(rx.port, Truncated(str(src), pause_pid=w.pid), name="cut")
+            assert state(w.pid) != "T"
+        assert err.value.code == "source"
+        assert f"byte {1 * MiB} of a {4 * MiB}-byte block is gone" in str(err.value)
+        with trio.fail_after(10):
+            while rx.failed == 0:  # the receiver drops the staging copy on the sender's ERROR
+                await trio.sleep(0.01)
+        assert image_bytes(images, "cut") == data
+        assert staging_left(images) == []
+
+
 async def test_shutdown_aborts_stalled_migrations_after_the_grace(tmp_path):
     images = tmp_path / "images"
     from migrated.receiver import Receiver, ReceiverConfig

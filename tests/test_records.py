@@ -522,3 +522,50 @@ def test_encode_into_a_given_buffer_matches_a_new_one():
     assert bytes(got) == bytes(expect) and st1 == st2
     with pytest.raises(ValueError, match="smaller than"):
         encode_batch(PageCache(0), 0, b"ram", src, pages, into=bytearray(100))
+
+
+# -- a mapped source that shrinks while it is read -----------------------------------
+
+
+def test_reading_a_truncated_mapping_is_a_source_fault_not_a_crash(tmp_path):
+    """A file truncated under its mapping: scan and encode fail with
+    SourceFault, naming the first byte that is gone; the process lives."""
+    from migrated.errors import SourceFault
+
+    path = tmp_path / "src.img"
+    path.write_bytes(random.Random(8).randbytes(16 * PS))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        maps = [mmap.mmap(fd, 16 * PS, mmap.MAP_SHARED, mmap.PROT_READ) for _ in range(2)]
+        os.truncate(path, 8 * PS + 100)  # page 8 keeps its first 100 bytes
+        with pytest.raises(SourceFault, match=rf"byte {9 * PS} of a {16 * PS}-byte block is gone \(7 page"):
+            records.scan(maps[0], records.page_hashes(bytes(16 * PS), PS), PS)
+        with pytest.raises(SourceFault, match="truncated"):
+            encode_batch(PageCache(0), 0, b"ram", maps[1], records.page_range(0, 16), first_pass=True)
+        # pages that still exist read as before
+        data, st = encode_batch(PageCache(0), 0, b"ram", maps[1], records.page_range(0, 8), first_pass=True)
+        assert st.normal_pages == 8
+        for m in maps:
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_sigbus_outside_a_guarded_loop_still_kills(tmp_path):
+    """The guard is for the loops that read sources: any other SIGBUS keeps
+    its default action."""
+    import signal
+    import subprocess
+    import sys
+
+    code = f"""
+import mmap, os
+import migrated._core
+path = {str(tmp_path / "f")!r}
+open(path, "wb").write(bytes(8192))
+m = mmap.mmap(os.open(path, os.O_RDONLY), 8192, prot=mmap.PROT_READ)
+os.truncate(path, 0)
+print(m[5000])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS, r.stderr
