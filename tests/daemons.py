@@ -64,6 +64,14 @@ async def running_receiver(directory: Path, **options):
         nursery.cancel_scope.cancel()
 
 
+async def failure_seen(receiver: Receiver, timeout: float = 10) -> None:
+    """Wait until the receiver has failed a migration (and so dropped its
+    staging copy): a sender may return before the receiver has done so."""
+    with trio.fail_after(timeout):
+        while receiver.failed == 0:
+            await trio.sleep(0.01)
+
+
 async def migrate(port: int, source, **config) -> dict:
     """One migration through an in-process sender; returns its summary."""
     config.setdefault("name", "img")

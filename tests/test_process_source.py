@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemons import migrate, running_receiver, state
+from daemons import failure_seen, migrate, running_receiver, state
 from migrated import loadgen
 from migrated.errors import MigrationError, first_migration_error
 from migrated.localrun import CLI, ReceiverProcess
@@ -173,9 +173,7 @@ async def test_child_exiting_mid_migration_fails_cleanly(tmp_path, child):
                 nursery.start_soon(kill_after_pass0)
                 await sender.run(stream)
         source.close()
-        with trio.fail_after(10):
-            while rx.failed == 0:
-                await trio.sleep(0.01)
+        await failure_seen(rx)
     assert info.value.code == "process-exited"
     assert "exited during the migration" in str(info.value)
     assert not (images / "gone").exists()
