@@ -378,16 +378,20 @@ async def test_a_failed_page_write_fails_the_migration_and_keeps_the_image(tmp_p
 
 async def test_source_file_truncated_mid_pass_fails_cleanly(tmp_path):
     """The source file shrinks between the sender mapping it and reading it
-    (a SIGBUS without the guard): the sender fails with a source error that
-    says so, the paused writer runs again, the previous image stays."""
+    in the final pass (a SIGBUS without the guard): the sender fails with a
+    source error that says so, the paused writer runs again, the previous
+    image stays."""
 
     class Truncated(FileSource):
-        refreshes = 0
+        frozen = False
+
+        def freeze(self):
+            super().freeze()
+            self.frozen = True
 
         def refresh(self):
             blocks = super().refresh()
-            self.refreshes += 1
-            if self.refreshes == 2:  # mapped at full size, then cut before the scan
+            if self.frozen:  # mapped at full size, then cut before the scan
                 os.truncate(self.path, 1 * MiB)
             return blocks
 
@@ -398,9 +402,10 @@ async def test_source_file_truncated_mid_pass_fails_cleanly(tmp_path):
         await migrate(rx.port, FileSource(str(src)), name="cut")
         # the writer keeps to the part that survives the cut
         with trio.fail_after(60), writer(src, "--length", str(MiB), "--stride", "4096") as w:
+            source = Truncated(str(src), pause_pid=w.pid)
             with pytest.raises(MigrationError) as err:
-                await migrate(rx.port, Truncated(str(src), pause_pid=w.pid), name="cut")
-            assert state(w.pid) in "RS"
+                await migrate(rx.port, source, name="cut")
+            assert source.frozen and state(w.pid) in "RS"
         assert err.value.code == "source"
         assert f"byte {1 * MiB} of a {4 * MiB}-byte block is gone" in str(err.value)
         await failure_seen(rx)
