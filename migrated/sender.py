@@ -8,8 +8,8 @@ downtime limit (or the iteration budget is spent) it freezes the source,
 sends the rest, and asks the receiver to verify and commit.
 
 Scanning and encoding run in worker threads (the extension releases the
-GIL); a bounded channel of two batches keeps the socket writer busy while
-the next batch is encoded.
+GIL); a bounded channel (ENCODED_AHEAD batches) keeps the socket writer busy
+while the next batch is encoded, into a small ring of reused buffers.
 """
 from __future__ import annotations
 
