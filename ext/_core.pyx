@@ -42,6 +42,11 @@ cdef inline int _check_guard(xb_guard_t *g, const uint8_t *base, Py_ssize_t leng
     return 0
 
 
+cdef extern from "page_marks.h" nogil:
+    void xb_mark(uint8_t *mark)
+    int xb_take(uint8_t *mark)
+
+
 cdef extern from "xbzrle_kernel.h" nogil:
     int XB_MAX_PAGE
     int XB_MAX_RUN
@@ -216,6 +221,25 @@ def page_hashes(cbuf block, Py_ssize_t page_size=4096):
             for p in range(npages):
                 hv[p] = _hash_page(&block[0], length, p, page_size, scratch)
     return out
+
+
+def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
+    """Hash the pages of block whose mark is set, clearing each mark before
+    reading its page (see Applier.set_blocks); returns how many. A page
+    marked again meanwhile keeps its mark for the next call."""
+    cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
+    cdef uint8_t scratch[16384]
+    _check_page_size(page_size)
+    npages = (length + page_size - 1) // page_size
+    if marks.shape[0] < npages or hashes.shape[0] < npages:
+        raise ValueError(f"marks ({marks.shape[0]}) or hashes ({hashes.shape[0]}) hold fewer than {npages} pages")
+    if npages:
+        with nogil:
+            for p in range(npages):
+                if xb_take(&marks[p]):
+                    hashes[p] = _hash_page(&block[0], length, p, page_size, scratch)
+                    n += 1
+    return n
 
 
 def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
@@ -921,6 +945,16 @@ cdef enum:
     IOV_BATCH = 1024   # iovecs per pwritev (Linux's IOV_MAX)
 
 
+cdef struct _Target:
+    uint8_t *ptr            # the block's writable buffer
+    Py_ssize_t length
+    const uint8_t *id
+    Py_ssize_t idlen
+    bint fresh              # known all zero bytes (see set_blocks)
+    int fd                  # the file the buffer maps, or -1
+    uint8_t *marks          # per-page written marks, or NULL
+
+
 cdef class Applier:
     """Applies page records to writable block buffers (the receiver side).
 
@@ -932,12 +966,7 @@ cdef class Applier:
     cdef readonly uint64_t position
     cdef list _keep
     cdef int nblocks
-    cdef uint8_t **bptr
-    cdef Py_ssize_t *blen
-    cdef const uint8_t **idptr
-    cdef Py_ssize_t *idlen
-    cdef uint8_t *fresh
-    cdef int *fds
+    cdef _Target *t
     cdef int current
     cdef public uint64_t zero_pages, normal_pages, xbzrle_pages, xbzrle_bytes
     cdef public bint allow_xbzrle
@@ -958,8 +987,13 @@ cdef class Applier:
             raise MemoryError()
 
     def __dealloc__(self):
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh); free(self.fds)
+        free(self.t)
         free(self.iov)
+
+    cdef inline void _mark(self, int blk, uint64_t offset) noexcept nogil:
+        """The page at offset of block blk was written (after the write)."""
+        if self.t[blk].marks != NULL:
+            xb_mark(&self.t[blk].marks[offset // <uint64_t>self.page_size])
 
     cdef int _flush(self) noexcept nogil:
         """Write the pending pages; 0 or an errno."""
@@ -968,7 +1002,7 @@ cdef class Applier:
         cdef uint64_t off = self.pend_off
         if self.niov == 0:
             return 0
-        fd = self.fds[self.pend_blk]
+        fd = self.t[self.pend_blk].fd
         while first < self.niov:
             done = pwritev(fd, self.iov + first, self.niov - first, off)
             if done < 0:
@@ -986,49 +1020,56 @@ cdef class Applier:
             if done:  # a short write inside one page
                 self.iov[first].iov_base = <uint8_t *>self.iov[first].iov_base + done
                 self.iov[first].iov_len -= done
+        for first in range(self.niov):
+            self._mark(self.pend_blk, self.pend_off + <uint64_t>first * <uint64_t>self.page_size)
         self.niov = 0
         return 0
 
     def set_blocks(self, blocks):
-        """blocks: sequence of (id: bytes, writable buffer) or (id, buffer,
-        fresh[, fd]). The buffers are held until the next call. The current
-        block is forgotten. A fresh block is known to be all zero bytes, until
-        clear_fresh(): a ZERO record of fill 0 for it is not written (it would
-        only fault in memory), and when the buffer maps a file open as fd,
-        whole pages are written to the file with pwritev rather than copied
-        through the mapping (a first write through a mapping faults each page
-        in, and the kernel reads, that is zero-fills, it before the copy)."""
+        """blocks: sequence of (id: bytes, writable buffer[, fresh[, fd[,
+        marks]]]). The buffers are held until the next call. The current
+        block is forgotten.
+
+        fresh: the block is known to be all zero bytes, until clear_fresh().
+        A ZERO record of fill 0 for it is not written (it would only fault in
+        memory), and when the buffer maps a file open as fd (else None or
+        -1), whole pages are written to the file with pwritev rather than
+        copied through the mapping (a first write through a mapping faults
+        each page in, and the kernel zero-fills it before the copy).
+
+        marks: a writable buffer of one byte per page, set to 1 for every
+        page written (see hash_marked); None for none.
+        """
         cdef list keep = []
         cdef int n = len(blocks), i
-        cdef uint8_t[::1] mv
-        cdef uint8_t **bptr = <uint8_t **>calloc(max(n, 1), sizeof(uint8_t *))
-        cdef Py_ssize_t *blen = <Py_ssize_t *>calloc(max(n, 1), sizeof(Py_ssize_t))
-        cdef const uint8_t **idptr = <const uint8_t **>calloc(max(n, 1), sizeof(uint8_t *))
-        cdef Py_ssize_t *idl = <Py_ssize_t *>calloc(max(n, 1), sizeof(Py_ssize_t))
-        cdef uint8_t *fresh = <uint8_t *>calloc(max(n, 1), 1)
-        cdef int *fds = <int *>calloc(max(n, 1), sizeof(int))
-        if bptr == NULL or blen == NULL or idptr == NULL or idl == NULL or fresh == NULL or fds == NULL:
-            free(bptr); free(blen); free(idptr); free(idl); free(fresh); free(fds)
+        cdef uint8_t[::1] mv, mk
+        cdef _Target *t = <_Target *>calloc(max(n, 1), sizeof(_Target))
+        if t == NULL:
             raise MemoryError()
         try:
             for i, entry in enumerate(blocks):
                 bid, buf = entry[0], entry[1]
-                fresh[i] = 1 if len(entry) > 2 and entry[2] else 0
-                fds[i] = entry[3] if len(entry) > 3 and entry[3] is not None else -1
                 if not isinstance(bid, bytes) or not 1 <= len(bid) <= 255:
                     raise ValueError("block ids must be bytes of length 1 to 255")
                 mv = buf
                 keep.append((bid, mv))
-                bptr[i] = &mv[0] if mv.shape[0] else NULL
-                blen[i] = mv.shape[0]
-                idptr[i] = <const uint8_t *><const char *>bid
-                idl[i] = len(bid)
+                t[i].ptr = &mv[0] if mv.shape[0] else NULL
+                t[i].length = mv.shape[0]
+                t[i].id = <const uint8_t *><const char *>bid
+                t[i].idlen = len(bid)
+                t[i].fresh = len(entry) > 2 and bool(entry[2])
+                t[i].fd = entry[3] if len(entry) > 3 and entry[3] is not None else -1
+                if len(entry) > 4 and entry[4] is not None:
+                    mk = entry[4]
+                    if mk.shape[0] < (mv.shape[0] + self.page_size - 1) // self.page_size:
+                        raise ValueError("marks hold fewer bytes than the block has pages")
+                    keep.append(mk)
+                    t[i].marks = &mk[0] if mk.shape[0] else NULL
         except BaseException:
-            free(bptr); free(blen); free(idptr); free(idl); free(fresh); free(fds)
+            free(t)
             raise
-        free(self.bptr); free(self.blen); free(self.idptr); free(self.idlen); free(self.fresh); free(self.fds)
-        self.bptr, self.blen, self.idptr, self.idlen = bptr, blen, idptr, idl
-        self.fresh, self.fds = fresh, fds
+        free(self.t)
+        self.t = t
         self.niov = 0
         self.nblocks = n
         self._keep = keep
@@ -1037,8 +1078,8 @@ cdef class Applier:
     def clear_fresh(self):
         """From now on every ZERO record is written (call at the end of the
         pass that sent the fresh blocks whole)."""
-        if self.fresh != NULL:
-            memset(self.fresh, 0, max(self.nblocks, 1))
+        for i in range(self.nblocks):
+            self.t[i].fresh = False
 
     def release(self):
         """Drop the block buffers (so an mmap behind them can be closed)."""
@@ -1108,7 +1149,7 @@ cdef class Applier:
                         break
                     blk = -1
                     for k in range(self.nblocks):
-                        if self.idlen[k] == idl and memcmp(self.idptr[k], src + i + 1, idl) == 0:
+                        if self.t[k].idlen == idl and memcmp(self.t[k].id, src + i + 1, idl) == 0:
                             blk = k
                             break
                     if blk < 0:
@@ -1121,16 +1162,16 @@ cdef class Applier:
                 if offset % ps:
                     err = E_UNALIGNED
                     break
-                if offset + ps > <uint64_t>self.blen[blk]:
+                if offset + ps > <uint64_t>self.t[blk].length:
                     err = E_PAST_BLOCK
                     break
-                page = self.bptr[blk] + offset
+                page = self.t[blk].ptr + offset
                 # pending writes keep stream order: a record for a page among
                 # them (or for another block, or one more than fits) writes
                 # them first
                 if self.niov:
                     pend_end = self.pend_off + <uint64_t>(self.niov * ps)
-                    if kind == F_PAGE and self.fresh[blk] and self.fds[blk] >= 0:
+                    if kind == F_PAGE and self.t[blk].fresh and self.t[blk].fd >= 0:
                         must = blk != self.pend_blk or offset != pend_end or self.niov == IOV_BATCH
                     else:
                         must = blk == self.pend_blk and self.pend_off <= offset < pend_end
@@ -1142,15 +1183,16 @@ cdef class Applier:
                     if i >= n:
                         i = rec
                         break
-                    if not (self.fresh[blk] and src[i] == 0):
+                    if not (self.t[blk].fresh and src[i] == 0):
                         memset(page, src[i], ps)
+                        self._mark(blk, offset)
                     i += 1
                     self.zero_pages += 1
                 elif kind == F_PAGE:
                     if n - i < ps:
                         i = rec
                         break
-                    if self.fresh[blk] and self.fds[blk] >= 0:
+                    if self.t[blk].fresh and self.t[blk].fd >= 0:
                         if self.niov == 0:
                             self.pend_blk = blk
                             self.pend_off = offset
@@ -1159,6 +1201,7 @@ cdef class Applier:
                         self.niov += 1
                     else:
                         memcpy(page, src + i, ps)
+                        self._mark(blk, offset)
                     i += ps
                     self.normal_pages += 1
                 else:
@@ -1180,6 +1223,7 @@ cdef class Applier:
                         err = E_DELTA
                         break
                     xb_decode_apply(src + i + 3, xlen, page)
+                    self._mark(blk, offset)
                     i += 3 + xlen
                     self.xbzrle_pages += 1
                     self.xbzrle_bytes += 3 + xlen

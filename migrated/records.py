@@ -139,6 +139,7 @@ NEED_DATA = _core.NEED_DATA
 AT_CONTROL = _core.CONTROL
 scan = _core.scan
 page_hashes = _core.page_hashes
+hash_marked = _core.hash_marked
 zero_page_hash = _core.zero_page_hash
 page_count = _core.page_count
 page_range = _core.page_range

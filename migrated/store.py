@@ -35,7 +35,7 @@ import structlog
 
 from migrated import __version__
 from migrated.errors import LocalError, RecordError
-from migrated.records import BlockInfo, image_digest, page_hashes, zero_page_hash
+from migrated.records import BlockInfo, hash_marked, image_digest, zero_page_hash
 
 log = structlog.get_logger("migrated.store")
 
@@ -115,21 +115,12 @@ class ImageStore:
         return Staging(self, name, page_size, source)
 
 
-def _seek(fd: int, pos: int, whence: int, end: int) -> int:
-    """lseek for SEEK_DATA/SEEK_HOLE, at most ``end``; a file system without
-    them is all data."""
-    try:
-        return min(os.lseek(fd, pos, whence), end)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # no data after pos
-            return end
-        if exc.errno == errno.EINVAL:
-            return pos if whence == os.SEEK_DATA else end
-        raise
-
-
 class _BlockFile:
-    __slots__ = ("info", "path", "fd", "map", "alloc")
+    """One block's file, its mapping, and the hash of every page as held:
+    the applier marks each page it writes, ``rehash`` hashes the marked
+    pages (so the digest at commit reads only what the last rounds wrote)."""
+
+    __slots__ = ("info", "path", "fd", "map", "alloc", "hashes", "marks")
 
     def __init__(self, info: BlockInfo, path: Path):
         self.info = info
@@ -137,6 +128,8 @@ class _BlockFile:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.map = None
         self.alloc = 0
+        self.hashes = array("Q")
+        self.marks = bytearray()
         self.resize(info)
 
     def resize(self, info: BlockInfo) -> None:
@@ -153,28 +146,28 @@ class _BlockFile:
         except OSError as exc:
             raise storage_error(exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {self.path.parent}") \
                 from None
+        old_pages = len(self.hashes)
         self.alloc = alloc
         self.info = info
         self.map = mmap.mmap(self.fd, alloc) if alloc else bytearray()
+        pages = alloc // ps
+        # new pages are zeros (posix_fallocate); the old last page may now
+        # be read further or less far: hash it again
+        if pages < old_pages:
+            del self.hashes[pages:], self.marks[pages:]
+        else:
+            self.hashes.extend(itertools.repeat(zero_page_hash(ps), pages - old_pages))
+            self.marks.extend(bytes(pages - old_pages))
+        for p in {old_pages - 1, pages - 1}:
+            if 0 <= p < pages:
+                self.marks[p] = 1
 
-    def hashes(self) -> array:
-        """The hash of every page. Holes in the file (never written, so they
-        read as zeros) get the zero page's hash without being read: reading
-        them would fill the page cache with zeros first."""
-        ps, length = self.info.page_size, self.info.length
-        out = array("Q")
-        zero = zero_page_hash(ps)
+    def rehash(self) -> int:
+        """Hash the pages written since the last call; returns how many."""
+        if not self.info.length:
+            return 0
         with memoryview(self.map) as mv:
-            pos = 0
-            while pos < length:
-                data = _seek(self.fd, pos, os.SEEK_DATA, length) // ps * ps
-                out.extend(itertools.repeat(zero, (data - pos) // ps))
-                if data >= length:
-                    break
-                end = min(-(-_seek(self.fd, data, os.SEEK_HOLE, length) // ps) * ps, length)
-                out += page_hashes(mv[data:end], ps)
-                pos = end
-        return out
+            return hash_marked(mv[: self.info.length], self.marks, self.hashes, self.info.page_size)
 
     def unmap(self) -> None:
         if isinstance(self.map, mmap.mmap):
@@ -205,9 +198,10 @@ class Staging:
 
     def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
         """Follow a block list: resize kept blocks, create new ones, delete
-        dropped ones. Returns ``[(id, writable buffer, fresh, fd)]`` for the
-        applier (fresh: created by this call, so all zeros; fd: the file the
-        buffer maps); the previous buffers must no longer be in use."""
+        dropped ones. Returns ``[(id, writable buffer, fresh, fd, marks)]`` for
+        the applier (fresh: created by this call, so all zeros; fd: the file
+        the buffer maps; marks: where it marks the pages it writes); the
+        previous buffers must no longer be in use."""
         ids = [b.id for b in blocks]
         if len(set(ids)) != len(ids):
             raise RecordError("block list names a block twice", 0)
@@ -232,18 +226,23 @@ class Staging:
         self.order = ids
         # a block file made just now is all zeros: the applier may skip zero
         # fills, and writes its whole pages to the file rather than the map
-        return [(bid.encode(), self.blocks[bid].map, bid in created, self.blocks[bid].fd) for bid in ids]
+        return [(bid.encode(), f.map, bid in created, f.fd, f.marks) for bid, f in ((b, self.blocks[b]) for b in ids)]
 
     def write_back(self) -> None:
-        """Flush dirty pages of every block file (fdatasync covers pages
-        written through the mmap)."""
+        """Between passes: hash the pages written so far, and flush them
+        (fdatasync covers pages written through the mmap), so that the
+        commit, inside the sender's downtime, has little left to do."""
         for f in list(self.blocks.values()):
+            f.rehash()
             if f.fd >= 0:
                 os.fdatasync(f.fd)
 
     def digest(self) -> str:
-        """Digest of the pages held, computed as the sender computes it."""
-        return image_digest((bid, self.blocks[bid].info.length, self.blocks[bid].hashes()) for bid in self.order)
+        """Digest of the pages held, computed as the sender computes it: each
+        page's hash as read back from its file, hashed again if written since."""
+        for f in self.blocks.values():
+            f.rehash()
+        return image_digest((bid, self.blocks[bid].info.length, self.blocks[bid].hashes) for bid in self.order)
 
     def commit(self, digest: str, source_info: dict | None = None) -> Path:
         """Make this the committed image of its name, atomically and durably."""

@@ -359,8 +359,8 @@ async def test_a_failed_page_write_fails_the_migration_and_keeps_the_image(tmp_p
 
         def read_only_blocks(self, blocks):
             entries = original(self, blocks)
-            opened.extend(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) for _, _, _, fd in entries)
-            return [(bid, buf, fresh, ro) for (bid, buf, fresh, _), ro in zip(entries, opened[-len(entries):])]
+            opened.extend(os.open(f"/proc/self/fd/{e[3]}", os.O_RDONLY) for e in entries)
+            return [(*e[:3], ro, *e[4:]) for e, ro in zip(entries, opened[-len(entries):])]
 
         monkeypatch.setattr(Staging, "set_blocks", read_only_blocks)
         with pytest.raises(PeerError) as err:
@@ -449,27 +449,59 @@ def test_receiver_digest_matches_an_independent_computation(tmp_path):
 
 
 @pytest.mark.parametrize("length", [64 * 4096, 64 * 4096 - 1000])
-def test_block_hashes_skip_holes_and_equal_hashing_every_byte(tmp_path, length):
-    """Block files are sparse where nothing was written; their hashes skip
-    the holes (zeros by definition) and still equal hashing every page,
-    whatever is written where, the last partial page included."""
-    from migrated.records import BlockInfo
+def test_staging_digest_follows_every_written_page(tmp_path, length):
+    """The receiver keeps each page's hash as read back from its file,
+    hashing again only pages written since (so the commit does not reread
+    the image): whole pages through the file, fills and deltas through the
+    mapping, rounds of hashing in between, a block that shrinks and grows;
+    the digest always equals hashing every byte of the files."""
+    import random
+
+    from migrated.cache import PageCache
+    from migrated.records import Applier, BlockInfo, encode_batch, page_range, scan
     from migrated.store import ImageStore
 
-    staging = ImageStore(tmp_path / "images").begin("holes", 4096)
+    rng = random.Random(length)
+    staging = ImageStore(tmp_path / "images").begin("marks", 4096)
+    src = bytearray(rng.randbytes(length))
+    src[8 * 4096 : 16 * 4096] = bytes(8 * 4096)
+    sent = page_hashes(bytes(len(src)))
+    cache = PageCache(1 << 20)
+    applier = Applier(4096)
+
+    def send(first: bool) -> None:
+        pages = page_range(0, len(sent)) if first else scan(src, sent, 4096)
+        data, _ = encode_batch(cache, 1, b"ram", src, pages, first_pass=first, hashes=sent)
+        assert applier.apply(data) == (len(data), 0)
+
+    def check() -> None:
+        f = staging.blocks["ram"]
+        assert f.path.read_bytes()[: f.info.length] == src
+        assert staging.digest() == image_digest([("ram", len(src), page_hashes(bytes(src)))])
+
     try:
-        ((_, buf, fresh, fd),) = staging.set_blocks([BlockInfo("ram", length, 4096)])
-        assert fresh
-        rng = __import__("random").Random(length)
-        for start, size in [(0, 3 * 4096), (5000, 1), (20 * 4096, 4096), (40 * 4096 + 17, 9000)]:
-            os.pwrite(fd, rng.randbytes(size), start)
-        buf[50 * 4096 + 3] = 0xAB  # through the mapping too
-        if length % 4096:
-            buf[length - 1] = 0xCD  # the last partial page
-        content = bytes(buf[:length])
-        assert staging.blocks["ram"].hashes() == page_hashes(content)
-        assert staging.digest() == image_digest([("ram", length, page_hashes(content))])
+        applier.set_blocks(staging.set_blocks([BlockInfo("ram", len(src), 4096)]))
+        send(first=True)
+        applier.clear_fresh()
+        staging.write_back()  # a round of hashing between passes
+        for round_ in range(3):
+            for _ in range(40):
+                src[rng.randrange(len(src))] = rng.randrange(256)
+            src[(20 + round_) * 4096 : (21 + round_) * 4096] = bytes([round_ + 1]) * 4096  # a fill
+            send(first=False)
+            if round_ == 1:
+                staging.write_back()
+        check()
+        for new_length in (length - 5000, length + 3 * 4096 + 7):  # the block shrinks, then grows
+            del src[new_length:]
+            src.extend(rng.randbytes(new_length - len(src)))
+            applier.release()
+            applier.set_blocks(staging.set_blocks([BlockInfo("ram", new_length, 4096)]))
+            sent = page_hashes(bytes(len(src)))  # a resized block is sent whole
+            send(first=True)
+            check()
     finally:
+        applier.release()
         staging.discard()
 
 

@@ -569,3 +569,42 @@ print(m[5000])
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGBUS, r.stderr
+
+
+def test_hashing_marked_pages_while_they_are_written_misses_nothing():
+    """The applier writes pages in one thread while another hashes the
+    marked ones, both outside the GIL: once writing stops, one more round
+    leaves every page's hash equal to hashing the buffer afresh."""
+    npages = 256
+    target = bytearray(npages * PS)
+    marks = bytearray(npages)
+    hashes = records.page_hashes(bytes(len(target)), PS)
+    ap = Applier(PS)
+    ap.set_blocks([(b"ram", target, False, None, marks)])
+    rng = random.Random(9)
+    batches = []
+    for _ in range(150):
+        src = bytearray(rng.randbytes(npages * PS))
+        pages = records.page_numbers(sorted(rng.sample(range(npages), 128)))
+        batches.append(encode_batch(PageCache(0), 0, b"ram", src, pages, xbzrle=False)[0])
+    done = threading.Event()
+    rounds = 0
+
+    def hasher():
+        nonlocal rounds
+        while not done.is_set():
+            records.hash_marked(target, marks, hashes, PS)
+            rounds += 1
+
+    t = threading.Thread(target=hasher)
+    t.start()
+    try:
+        for data in batches:
+            assert ap.apply(data) == (len(data), records.NEED_DATA)
+    finally:
+        done.set()
+        t.join()
+    records.hash_marked(target, marks, hashes, PS)
+    assert rounds > 1 and not any(marks)
+    assert hashes == records.page_hashes(target, PS)
+    ap.release()
