@@ -246,8 +246,9 @@ class _Session:
                 if not self.files.locked():
                     background.start_soon(self.write_back)
             elif isinstance(event, Complete):
-                async with self.files:
-                    await self.commit(event.digest, event.source_info)
+                arrived = trio.current_time()
+                async with self.files:  # a write-back still running finishes first
+                    await self.commit(event.digest, event.source_info, arrived)
                 return
 
     async def write_back(self) -> None:
@@ -268,20 +269,32 @@ class _Session:
         self.name = name
         self.receiver.busy.add(name)
 
-    async def commit(self, digest: str, source_info: dict | None = None) -> None:
+    async def commit(self, digest: str, source_info: dict | None, arrived: float) -> None:
+        """Verify and commit; the log line splits the time (part of the
+        sender's downtime) into waiting for a write-back, the digest, and
+        the durable commit."""
         self.conn.release_blocks()
+        started = trio.current_time()
         held = await trio.to_thread.run_sync(self.staging.digest)
+        verified = trio.current_time()
         if held != digest:
             raise DigestMismatch(
                 f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
                 "nothing was committed"
             )
-        path = await trio.to_thread.run_sync(self.staging.commit, digest, source_info)
+        staging = self.staging
+        path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
         self.staging = None
         self.receiver.completed += 1
         await self.send(Committed(digest, str(path)))
-        log.info("commit_image", path=str(path), digest=digest,
-                 seconds=round(trio.current_time() - self.started, 3), **self.progress())
+        done = trio.current_time()
+        log.info("commit_image", path=str(path), digest=digest, seconds=round(done - self.started, 3),
+                 wait_ms=_ms(started - arrived), digest_ms=_ms(verified - started), sync_ms=_ms(done - verified),
+                 **self.progress())
+        try:
+            await trio.to_thread.run_sync(staging.tidy)
+        except OSError as exc:  # the image is committed: tidying is best effort
+            log.warning("tidy_image", error=str(exc))
 
     async def fail(self, failure: Failure | None) -> None:
         """Tell the sender (best effort) and drop the staging image."""
@@ -317,6 +330,10 @@ async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
     data = await stream.receive_some(len(view))
     view[: len(data)] = data
     return len(data)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 def _address(sockaddr) -> str:

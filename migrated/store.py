@@ -183,7 +183,7 @@ class _BlockFile:
 
 class Staging:
     """An image being received. Use ``set_blocks``, then ``digest`` and
-    ``commit``; ``discard`` on any failure (it is idempotent)."""
+    ``commit`` (then ``tidy``); ``discard`` on any failure (it is idempotent)."""
 
     def __init__(self, store: ImageStore, name: str, page_size: int, source: str):
         self.store = store
@@ -195,6 +195,7 @@ class Staging:
         self.blocks: dict[str, _BlockFile] = {}
         self.order: list[str] = []
         self._files = 0
+        self._replaced: Path | None = None  # the committed version this one replaced
 
     def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
         """Follow a block list: resize kept blocks, create new ones, delete
@@ -249,13 +250,9 @@ class Staging:
         blocks = []
         for bid in self.order:
             f = self.blocks[bid]
-            if isinstance(f.map, mmap.mmap):
-                f.map.flush()
             f.unmap()
             os.ftruncate(f.fd, f.info.length)
-            os.fsync(f.fd)
-            # the image is on disk now: leave the page cache to whoever reads it
-            os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.fsync(f.fd)  # covers pages written through the mapping too
             blocks.append({"id": bid, "length": f.info.length, "page_size": f.info.page_size,
                            "file": f.path.name, **f.info.info})
         manifest = {
@@ -287,9 +284,22 @@ class Staging:
         _fsync_dir(root)
         self.dir = root / version
         self.blocks.clear()
-        if previous and previous != version and "/" not in previous:
-            shutil.rmtree(root / previous, ignore_errors=True)
+        self._replaced = root / previous if previous and previous != version and "/" not in previous else None
         return link
+
+    def tidy(self) -> None:
+        """After a commit, off the sender's downtime: leave the image's page
+        cache to whoever reads it (it is on disk), and remove the version it
+        replaced (deleting a large file takes tens of milliseconds)."""
+        for entry in self.dir.glob("*.mem"):
+            fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
 
     def discard(self) -> None:
         for f in self.blocks.values():

@@ -320,6 +320,25 @@ async def test_idle_sender_times_out(tmp_path):
         assert staging_left(images) == [] and "idle" not in rx.busy
 
 
+async def test_a_new_commit_replaces_the_previous_version(tmp_path):
+    """Committing a name again swaps the symlink, then removes the version
+    it replaced (after COMMITTED: deleting files is no part of the downtime)."""
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    make_image(src, 4 * MiB)
+    async with running_receiver(images) as rx:
+        await migrate(rx.port, FileSource(str(src)), name="again")
+        first = os.readlink(images / "again")
+        data = make_image(src, 4 * MiB, seed=5)
+        await migrate(rx.port, FileSource(str(src)), name="again")
+        second = os.readlink(images / "again")
+        assert second != first and image_bytes(images, "again") == data
+        with trio.fail_after(10):
+            while (images / first).exists():
+                await trio.sleep(0.01)
+        assert sorted(n for n in os.listdir(images) if n.startswith(".again.")) == [second]
+
+
 async def test_dropped_sender_keeps_the_previous_image(tmp_path):
     images = tmp_path / "images"
     src = tmp_path / "src.img"
