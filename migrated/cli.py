@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     b.add_argument("--size", type=int, default=64, metavar="MIB", help="core working set per buffer in MiB (default 64)")
-    b.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions, best is kept (default 3)")
+    b.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions, best is kept (default 3; at least 5 end to end)")
     b.add_argument("--parts", default="core,e2e,experiment", help="comma-separated parts to run (default all)")
     b.set_defaults(func=_bench)
     return parser
