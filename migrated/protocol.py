@@ -254,8 +254,8 @@ class Connection:
 
     def set_blocks(self, buffers) -> None:
         """Receiver: the writable buffers for the block list just received,
-        as ``[(id: bytes, buffer)]`` or ``[(id, buffer, fresh[, fd])]`` in any order
-        (see ``Applier.set_blocks``)."""
+        as ``[(id: bytes, buffer[, fresh[, fd[, marks]]])]`` in any order (see
+        ``Applier.set_blocks``)."""
         if self._applier is None:
             self._applier = Applier(self.page_size)
             self._applier.skip(self.received_bytes - self.buffered)

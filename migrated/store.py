@@ -197,7 +197,7 @@ class Staging:
         self._files = 0
         self._replaced: Path | None = None  # the committed version this one replaced
 
-    def set_blocks(self, blocks) -> list[tuple[bytes, object]]:
+    def set_blocks(self, blocks) -> list[tuple]:
         """Follow a block list: resize kept blocks, create new ones, delete
         dropped ones. Returns ``[(id, writable buffer, fresh, fd, marks)]`` for
         the applier (fresh: created by this call, so all zeros; fd: the file
