@@ -105,6 +105,18 @@ class Receiver:
         if self._migrations is not None:
             self._migrations.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
+    def tidy_soon(self, staging: Staging) -> None:
+        """Tidy a committed image in the background, once its name is free
+        again (see ``Staging.tidy``)."""
+        if self._migrations is not None:
+            self._migrations.start_soon(self._tidy, staging)
+
+    async def _tidy(self, staging: Staging) -> None:
+        try:
+            await trio.to_thread.run_sync(staging.tidy)
+        except OSError as exc:  # the image is committed: tidying is best effort
+            log.warning("tidy_image", error=str(exc))
+
     async def _on_connection(self, stream: trio.SocketStream) -> None:
         try:
             peer = _address(stream.socket.getpeername())
@@ -291,10 +303,7 @@ class _Session:
         log.info("commit_image", path=str(path), digest=digest, seconds=round(done - self.started, 3),
                  wait_ms=_ms(started - arrived), digest_ms=_ms(verified - started), sync_ms=_ms(done - verified),
                  **self.progress())
-        try:
-            await trio.to_thread.run_sync(staging.tidy)
-        except OSError as exc:  # the image is committed: tidying is best effort
-            log.warning("tidy_image", error=str(exc))
+        self.receiver.tidy_soon(staging)
 
     async def fail(self, failure: Failure | None) -> None:
         """Tell the sender (best effort) and drop the staging image."""

@@ -292,7 +292,10 @@ class Staging:
         cache to whoever reads it (it is on disk), and remove the version it
         replaced (deleting a large file takes tens of milliseconds)."""
         for entry in self.dir.glob("*.mem"):
-            fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # replaced by a newer commit meanwhile
+                continue
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
