@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -150,6 +151,29 @@ def test_connection_and_source_errors_exit_1(tmp_path, receiver):
     assert r.returncode == 1 and "does not exist" in r.stderr
     r = send("--source", f"file:{src}", "--to", receiver.address, "--name", "x", "--pause-pid", "999999999")
     assert r.returncode == 1 and "no process with pid 999999999" in r.stderr
+
+
+def test_source_file_truncated_during_a_pass_exits_1_and_says_so(tmp_path, receiver):
+    """A file cut short while pass 0 reads it: no crash by SIGBUS, but exit
+    1 with the sender's source error; the writer runs, nothing committed."""
+    src = tmp_path / "src.img"
+    make_image(src, 32 * MiB)
+    with writer(src, "--length", str(MiB), "--stride", "4096") as w:
+        proc = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "cut",
+                          "--pause-pid", str(w.pid), "--max-bandwidth", "8M")
+        try:
+            receiver.wait_for("set_blocks")  # mapped at 32 MiB; pass 0 takes about 4 s
+            time.sleep(0.5)
+            os.truncate(src, MiB)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 1, err
+        last = err.strip().splitlines()[-1]
+        assert "send failed (sender): source: the source shrank while it was being read" in last
+        assert state(w.pid) in "RS"
+    receiver.wait_for("remove_staging")
+    assert staging_left(receiver.dir) == [] and not (receiver.dir / "cut").exists()
 
 
 def test_port_in_use_and_unwritable_dir(tmp_path, receiver):
