@@ -242,22 +242,27 @@ def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t
     return n
 
 
-def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
-    """Pages whose hash differs from hashes[p]; hashes is updated in place."""
+def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t first=0, Py_ssize_t end=-1):
+    """Pages whose hash differs from hashes[p]; hashes is updated in place.
+    Only pages first <= p < end (end -1: the last page) are looked at, so
+    parts of one block can be scanned by several threads at once."""
     cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
     cdef uint64_t h
     _check_page_size(page_size)
     npages = (length + page_size - 1) // page_size
     if hashes.shape[0] < npages:
         raise ValueError(f"hash array holds {hashes.shape[0]} pages, block has {npages}")
-    cdef array out = clone(array("Q"), npages, False)
+    if end < 0 or end > npages:
+        end = npages
+    first = min(max(first, 0), end)
+    cdef array out = clone(array("Q"), end - first, False)
     cdef uint64_t[::1] ov = out
     cdef uint8_t scratch[16384]
     cdef xb_guard_t guard
-    if npages:
+    if end > first:
         with nogil:
             xb_guard_arm(&guard, &block[0], length)
-            for p in range(npages):
+            for p in range(first, end):
                 h = _hash_page(&block[0], length, p, page_size, scratch)
                 if h != hashes[p]:
                     hashes[p] = h

@@ -13,6 +13,7 @@ while the next batch is encoded, into a small ring of reused buffers.
 """
 from __future__ import annotations
 
+import os
 from array import array
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ log = structlog.get_logger("migrated.sender")
 
 BATCH_PAGES = 1024  # pages per encode call (4 MiB of 4 KiB pages)
 ENCODED_AHEAD = 1  # encoded batches waiting for the socket
+SCAN_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))  # threads scanning one block
+SCAN_PART_PAGES = 8192  # pages a scanning thread is given at least (32 MiB of 4 KiB pages)
 WRITE_SLICE = 256 << 10  # bytes per socket write when rate-limited
 MIN_MEASURE_BYTES = 1 << 20  # a pass smaller than this does not update the bandwidth
 MISS_RATE_OFF = 0.9
@@ -353,12 +356,35 @@ class Sender:
             if first or block.info.id in changed_layout:
                 pages = records.page_range(0, block.info.pages)  # sent whole: nothing to merge
             else:
-                pages = await trio.to_thread.run_sync(self.source.changed, block, t.hashes)
+                pages = await self._changed(block, t.hashes)
                 if extra and block.info.id in extra:
                     pages = records.merge_pages(extra[block.info.id], pages)
             plan.append((t, block, pages))
         self.blocks = blocks
         return plan
+
+    async def _changed(self, block: Block, hashes) -> array:
+        """The block's changed pages, scanned in up to SCAN_THREADS parts at
+        once: one core cannot read memory as fast as two (1 GiB: 90 ms on
+        one, 50 ms on two), and the last scan is part of the downtime."""
+        npages = block.info.pages
+        parts = max(1, min(SCAN_THREADS, npages // SCAN_PART_PAGES))
+        if parts == 1:
+            return await trio.to_thread.run_sync(self.source.changed, block, hashes)
+        found: list = [None] * parts
+        bounds = [npages * i // parts for i in range(parts + 1)]
+
+        async def part(i: int) -> None:
+            found[i] = await trio.to_thread.run_sync(self.source.changed, block, hashes, bounds[i], bounds[i + 1])
+
+        with first_migration_error():
+            async with trio.open_nursery() as nursery:
+                for i in range(parts):
+                    nursery.start_soon(part, i)
+        pages = found[0]
+        for more in found[1:]:
+            pages.extend(more)  # ascending, like one scan's
+        return pages
 
     async def _follow_layout(self, blocks: list[Block], stream) -> set[str]:
         """Track new, resized and removed blocks; send a new block list if
@@ -464,7 +490,9 @@ class Sender:
             self.source.freeze()  # in this thread: ptrace ties a tracee to one thread
             frozen = True
             extra = {t.info.id: pages for t, _, pages in pending}
+            scan_start = trio.current_time()
             plan = await self._plan(first=False, stream=stream, extra=extra)
+            scan_seconds = trio.current_time() - scan_start
             report = await self._send_pass(stream, pass_no, plan, first=False, final=True)
             self.digest = records.image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
             await self._write(stream, self.conn.send(Complete(self.digest, self.source.info())))
@@ -474,6 +502,8 @@ class Sender:
                 pages=report.pages,
                 wire_bytes=report.wire_bytes,
                 xbzrle_pages=report.stats.xbzrle_pages,
+                scan_ms=round(scan_seconds * 1000, 1),
+                send_ms=round(report.seconds * 1000, 1),
                 digest=self.digest,
             )
             await self._wait(lambda: self._committed is not None, "commit confirmation", self.config.commit_timeout)

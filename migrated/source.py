@@ -48,9 +48,11 @@ class Source:
     def refresh(self) -> list[Block]:
         raise NotImplementedError
 
-    def changed(self, block: Block, hashes):
-        """Pages of ``block`` that differ from ``hashes`` (updated in place)."""
-        return scan(block.view, hashes, block.info.page_size)
+    def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
+        """Pages of ``block`` that differ from ``hashes`` (updated in place),
+        among pages ``first`` to ``end`` (-1: the last); the sender scans
+        parts of a large block in parallel."""
+        return scan(block.view, hashes, block.info.page_size, first, end)
 
     def freeze(self) -> None:
         pass

@@ -141,6 +141,40 @@ async def test_source_that_grows_between_passes(tmp_path):
     assert summary["ram"]["total_bytes"] == 1 * MiB + 10 + 3 * 4096 + 100
 
 
+async def test_a_large_block_is_scanned_in_parallel_parts(tmp_path, monkeypatch):
+    """The sender scans a large block in parts at once: the pages found and
+    the hashes kept are those of one scan; a fault in a part is the
+    source's error."""
+    from array import array
+
+    from migrated import sender as sender_module
+    from migrated.errors import SourceFault
+    from migrated.sender import SCAN_PART_PAGES, SendConfig, Sender
+
+    monkeypatch.setattr(sender_module, "SCAN_THREADS", 3)
+    npages = 3 * SCAN_PART_PAGES
+    src = tmp_path / "src.img"
+    make_image(src, npages * 4096)
+    source = FileSource(str(src))
+    source.open()
+    try:
+        (block,) = source.refresh()
+        sender = Sender(source, SendConfig("scan"))
+        hashes = page_hashes(block.view)
+        changes = [0, 5, SCAN_PART_PAGES - 1, SCAN_PART_PAGES, 2 * SCAN_PART_PAGES + 7, npages - 1]
+        with open(src, "r+b") as fh:
+            for p in changes:
+                fh.seek(p * 4096 + 100)
+                fh.write(b"\xff\x00\xee")
+        assert list(await sender._changed(block, hashes)) == changes
+        assert hashes == page_hashes(block.view)
+        os.truncate(src, 10 * 4096)
+        with pytest.raises(SourceFault, match="shrank"):
+            await sender._changed(block, array("Q", bytes(8 * npages)))
+    finally:
+        source.close()
+
+
 async def test_empty_image(tmp_path):
     src = tmp_path / "src.img"
     src.write_bytes(b"")
