@@ -96,10 +96,14 @@ class EndOfPass:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Receiver has applied everything up to the end of a pass."""
+    """Receiver has applied everything up to the end of a pass. It also
+    reports its last background hash-and-flush of written pages (0 pages:
+    none yet), which its commit repeats for the final pass's pages."""
 
     pass_number: int
     received_bytes: int = 0
+    flushed_pages: int = 0
+    flush_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +238,15 @@ class Connection:
             case EndOfPass():
                 return frame_eos(event.pass_number)
             case Ack():
-                return frame_control(Control.ACK, {"pass": event.pass_number, "received_bytes": event.received_bytes})
+                return frame_control(
+                    Control.ACK,
+                    {
+                        "pass": event.pass_number,
+                        "received_bytes": event.received_bytes,
+                        "flushed_pages": event.flushed_pages,
+                        "flush_ms": event.flush_ms,
+                    },
+                )
             case Complete():
                 return frame_control(Control.COMPLETE, {"digest": event.digest, "source_info": event.source_info or {}})
             case Committed():
@@ -395,7 +407,12 @@ class Connection:
                         raise ProtocolError(f"receiver accepted capabilities it was not offered: {caps}")
                     return Welcome(caps)
                 case Control.ACK:
-                    return Ack(_field(p, "pass", int), _field(p, "received_bytes", int))
+                    return Ack(
+                        _field(p, "pass", int),
+                        _field(p, "received_bytes", int),
+                        _field(p, "flushed_pages", int, 0),
+                        float(_field(p, "flush_ms", (int, float), 0.0)),
+                    )
                 case Control.COMPLETE:
                     info = p.get("source_info") or {}
                     if not isinstance(info, dict):
@@ -410,10 +427,18 @@ class Connection:
         raise ProtocolError(f"unexpected {rec.control.name} message")
 
 
-def _field(payload: dict, key: str, kind: type):
+_REQUIRED = object()
+
+
+def _field(payload: dict, key: str, kind, default=_REQUIRED):
+    """``payload[key]`` if it is of ``kind``; a field with a default may be
+    absent (a peer from before the field was added)."""
+    if key not in payload and default is not _REQUIRED:
+        return default
     value = payload.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"field {key!r} must be {kind.__name__}")
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise ValueError(f"field {key!r} must be {names}")
     return value
 
 

@@ -175,6 +175,7 @@ class _Session:
         self.passes = 0
         self.started = trio.current_time()
         self.files = trio.Lock()  # staging files change shape or get flushed one at a time
+        self.flushed = (0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds
 
     def progress(self) -> dict:
         return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **self.conn.page_counters}
@@ -253,7 +254,7 @@ class _Session:
             elif isinstance(event, EndOfPass):
                 self.passes += 1
                 self.conn.end_of_fresh_blocks()
-                await self.send(Ack(event.pass_number, self.conn.received_bytes))
+                await self.send(Ack(event.pass_number, self.conn.received_bytes, *self.flushed))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
                 if not self.files.locked():
                     background.start_soon(self.write_back)
@@ -269,7 +270,9 @@ class _Session:
         little left to flush."""
         async with self.files:
             if self.staging is not None:
-                await trio.to_thread.run_sync(self.staging.write_back)
+                started = trio.current_time()
+                pages = await trio.to_thread.run_sync(self.staging.write_back)
+                self.flushed = (pages, _ms(trio.current_time() - started))
 
     def hello(self, hello: Hello) -> None:
         check_page_size(hello.page_size)

@@ -229,14 +229,17 @@ class Staging:
         # fills, and writes its whole pages to the file rather than the map
         return [(bid.encode(), f.map, bid in created, f.fd, f.marks) for bid, f in ((b, self.blocks[b]) for b in ids)]
 
-    def write_back(self) -> None:
+    def write_back(self) -> int:
         """Between passes: hash the pages written so far, and flush them
         (fdatasync covers pages written through the mmap), so that the
-        commit, inside the sender's downtime, has little left to do."""
+        commit, inside the sender's downtime, has little left to do.
+        Returns how many pages were hashed."""
+        pages = 0
         for f in list(self.blocks.values()):
-            f.rehash()
+            pages += f.rehash()
             if f.fd >= 0:
                 os.fdatasync(f.fd)
+        return pages
 
     def digest(self) -> str:
         """Digest of the pages held, computed as the sender computes it: each

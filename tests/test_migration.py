@@ -49,6 +49,34 @@ async def test_changing_image_commits_exactly_the_frozen_content(tmp_path):
     assert staging_left(images) == []
 
 
+async def test_downtime_estimate_includes_the_receivers_flush(tmp_path):
+    """The receiver reports in each ACK what hashing and flushing written
+    pages cost it; the sender's estimate of the downtime adds that cost for
+    the pages the final pass would send."""
+    from migrated.records import BatchStats
+    from migrated.sender import PassReport, SendConfig, Sender
+
+    src = tmp_path / "src.img"
+    make_image(src, 16 * MiB)
+    images = tmp_path / "images"
+    with trio.fail_after(60), writer(src, "--stride", "2048") as w:
+        source = SnapshotSource(str(src), pause_pid=w.pid)
+        async with running_receiver(images) as rx:
+            stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
+            async with stream:
+                sender = Sender(source, SendConfig("est", downtime_limit=0.001, max_iterations=4))
+                source.open()
+                try:
+                    summary = await sender.run(stream)
+                finally:
+                    source.close()
+    assert summary["status"] == "completed" and summary["iterations"] == 5
+    assert 0 < sender.commit_page_seconds < 0.01
+    last = PassReport(1, wire_bytes=1000, seconds=0.1, stats=BatchStats(xbzrle_pages=100))
+    sender.scan_seconds, sender.bandwidth = 0.002, 1e6
+    assert sender._estimate(100, last) == pytest.approx(0.002 + 100 * (10 / 1e6 + sender.commit_page_seconds))
+
+
 async def test_zero_pages_go_as_one_byte_records(tmp_path):
     src = tmp_path / "src.img"
     data = make_image(src, 8 * MiB, zero_fraction=0.4)

@@ -114,6 +114,26 @@ def test_sender_side_events():
     assert s.state is State.DONE
 
 
+def test_ack_reports_the_receivers_flush_and_older_acks_still_parse():
+    from migrated.records import Control, frame_control
+
+    def sender_after_pass_0():
+        s = Connection(Role.SENDER)
+        s.send(Hello("vm", 4096))
+        events(s, Connection(Role.RECEIVER).send(Welcome(())))
+        return s
+
+    r = Connection(Role.RECEIVER)
+    r.send(Welcome(()))
+    assert events(sender_after_pass_0(), r.frame(Ack(2, 10, 4096, 12.5))) == [Ack(2, 10, 4096, 12.5)]
+    # an ACK without the flush fields (a receiver from before them)
+    old = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7})
+    assert events(sender_after_pass_0(), old) == [Ack(0, 7, 0, 0.0)]
+    bad = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7, "flush_ms": "soon"})
+    with pytest.raises(ProtocolError, match="'flush_ms' must be int or float"):
+        events(sender_after_pass_0(), bad)
+
+
 def test_out_of_order_events_are_refused_both_ways():
     s = Connection(Role.SENDER)
     with pytest.raises(ProtocolError, match="not allowed in state HANDSHAKE"):
