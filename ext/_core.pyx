@@ -63,6 +63,7 @@ cdef extern from "xbzrle_kernel.h" nogil:
     void xb_decode_apply(const uint8_t *src, size_t slen, uint8_t *page)
     uint64_t xb_page_hash(const uint8_t *p, size_t n)
     int xb_is_uniform(const uint8_t *p, size_t n)
+    int xb_is_zero(const uint8_t *p, size_t n)
 
 ctypedef const uint8_t[::1] cbuf
 ctypedef uint8_t[::1] wbuf
@@ -840,6 +841,20 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
             # over that place).
             pg = out + d
             avail = length - <Py_ssize_t>p * ps
+            if avail >= ps and xb_is_zero(&block[p * ps], ps):
+                # A zero page needs no snapshot: what is sent (fill 0), hashed
+                # and cached is the constant, whatever a writer does meanwhile
+                if with_hashes:
+                    hv[p] = zero_hash
+                flags |= F_ZERO
+                out[d] = 0
+                d += 1
+                c_zero += 1
+                if use_cache:
+                    cache.store(key, NULL, 0)
+                _put_be64(out + hdr, (<uint64_t>p * ps) | flags)
+                first = False
+                continue
             if avail >= ps:
                 memcpy(pg, &block[p * ps], ps)
             else:

@@ -563,4 +563,10 @@ static inline int xb_is_uniform(const uint8_t *p, size_t n)
     return p[0] == p[n - 1] && memcmp(p, p + 1, n - 1) == 0;
 }
 
+/* 1 when every byte of p[0..n) is zero */
+static inline int xb_is_zero(const uint8_t *p, size_t n)
+{
+    return p[0] == 0 && p[n - 1] == 0 && memcmp(p, p + 1, n - 1) == 0;
+}
+
 #endif
