@@ -74,20 +74,21 @@ async def failure_seen(receiver: Receiver, timeout: float = 10) -> None:
 
 async def migrate(port: int, source, **config) -> dict:
     """One migration through an in-process sender; returns its summary."""
+    return (await migrate_with(port, source, **config))[1]
+
+
+async def migrate_with(port: int, source, **config) -> tuple[Sender, dict]:
+    """``migrate``, also returning the sender (for its state afterwards)."""
     config.setdefault("name", "img")
     with trio.fail_after(120):
-        return await _migrate(port, source, config)
-
-
-async def _migrate(port, source, config):
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        sender = Sender(source, SendConfig(**config))
-        source.open()
-        try:
-            return await sender.run(stream)
-        finally:
-            source.close()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            sender = Sender(source, SendConfig(**config))
+            source.open()
+            try:
+                return sender, await sender.run(stream)
+            finally:
+                source.close()
 
 
 def image_bytes(directory: Path, name: str) -> bytes:

@@ -14,6 +14,7 @@ from daemons import (
     image_bytes,
     make_image,
     migrate,
+    migrate_with,
     running_receiver,
     staging_left,
     state,
@@ -54,23 +55,17 @@ async def test_downtime_estimate_includes_the_receivers_flush(tmp_path):
     pages cost it; the sender's estimate of the downtime adds that cost for
     the pages the final pass would send."""
     from migrated.records import BatchStats
-    from migrated.sender import PassReport, SendConfig, Sender
+    from migrated.sender import PassReport
 
     src = tmp_path / "src.img"
     make_image(src, 16 * MiB)
     images = tmp_path / "images"
     with trio.fail_after(60), writer(src, "--stride", "2048") as w:
-        source = SnapshotSource(str(src), pause_pid=w.pid)
         async with running_receiver(images) as rx:
-            stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
-            async with stream:
-                # passes enough for a write-back to finish and be reported
-                sender = Sender(source, SendConfig("est", downtime_limit=0.001, max_iterations=8))
-                source.open()
-                try:
-                    summary = await sender.run(stream)
-                finally:
-                    source.close()
+            # passes enough for a write-back to finish and be reported
+            sender, summary = await migrate_with(
+                rx.port, SnapshotSource(str(src), pause_pid=w.pid), name="est", downtime_limit=0.001, max_iterations=8
+            )
     assert summary["status"] == "completed" and summary["iterations"] == 9
     assert 0 < sender.commit_page_seconds < 0.01
     last = PassReport(1, wire_bytes=1000, seconds=0.1, stats=BatchStats(xbzrle_pages=100))
