@@ -18,19 +18,12 @@ async def _raise(exc):
     raise exc
 
 
-async def test_the_migration_error_wins_over_cancelled_siblings():
-    with pytest.raises(Boom):
+@pytest.mark.parametrize("error", [Boom("x"), KeyError("k")], ids=["migration-error", "other-error"])
+async def test_a_lone_failure_is_unwrapped_from_its_cancelled_siblings(error):
+    with pytest.raises(type(error)):
         with first_migration_error():
             async with trio.open_nursery() as n:
-                n.start_soon(_fail_after, 0.01, Boom("x"))
-                await trio.sleep(10)
-
-
-async def test_a_lone_other_error_is_unwrapped():
-    with pytest.raises(KeyError):
-        with first_migration_error():
-            async with trio.open_nursery() as n:
-                n.start_soon(_fail_after, 0.01, KeyError("k"))
+                n.start_soon(_fail_after, 0.01, error)
                 await trio.sleep(10)
 
 
