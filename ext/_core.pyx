@@ -1182,7 +1182,10 @@ cdef class Applier:
                 if offset % ps:
                     err = E_UNALIGNED
                     break
-                if offset + ps > <uint64_t>self.t[blk].length:
+                # written so that it cannot wrap: offset comes from the peer
+                # (up to 2^64 - 512), and a block may be shorter than a page
+                if <uint64_t>self.t[blk].length < <uint64_t>ps or \
+                        offset > <uint64_t>self.t[blk].length - <uint64_t>ps:
                     err = E_PAST_BLOCK
                     break
                 page = self.t[blk].ptr + offset

@@ -316,6 +316,42 @@ def test_malformed_record_rejected_with_stream_offset(bad, message):
     assert target[PS:] == b"\x33" * PS
 
 
+# offsets a peer can send whose "offset + page" wraps around 2^64; each kind
+# of page record must be refused before it writes
+WRAPPING_OFFSETS = [(1 << 64) - PS, (1 << 64) - 2 * PS, (1 << 63), (1 << 64) - (1 << 20)]
+PAGE_BODIES = {
+    "zero": (0x02, b"\x41"),
+    "page": (0x08, b"\x41" * PS),
+    "xbzrle": (0x40, b"\x01\x00\x02\x00\x01\x41"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PAGE_BODIES))
+@pytest.mark.parametrize("offset", WRAPPING_OFFSETS)
+def test_offsets_that_wrap_around_are_past_the_block(kind, offset):
+    flags, body = PAGE_BODIES[kind]
+    arena = bytearray(b"\x33" * 8 * PS)  # the block is the middle of it: a stray write shows
+    block = memoryview(arena)[3 * PS : 5 * PS]
+    ap = Applier(PS)
+    ap.set_blocks([(b"b", block)])
+    with pytest.raises(RecordError, match="past the end of the block"):
+        ap.apply(page_record(offset, flags, body))
+    assert arena == b"\x33" * 8 * PS
+
+
+@pytest.mark.parametrize("kind", sorted(PAGE_BODIES))
+@pytest.mark.parametrize("length", [0, 1, PS - 1])
+def test_a_block_shorter_than_a_page_takes_no_record(kind, length):
+    flags, body = PAGE_BODIES[kind]
+    ap = Applier(PS)
+    target = bytearray(length)
+    ap.set_blocks([(b"b", target)])
+    for offset in (0, (1 << 64) - PS):
+        with pytest.raises(RecordError, match="past the end of the block"):
+            ap.apply(page_record(offset, flags, body))
+    assert target == bytearray(length)
+
+
 def test_truncated_record_waits_for_more_data():
     rec = page_record(0, 0x08, b"y" * PS)
     ap = Applier(PS)
