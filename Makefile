@@ -22,7 +22,7 @@ $(STAMP): $(PY) $(SOURCES)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m migrated.demo
+	$(PY) -m migrated._tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

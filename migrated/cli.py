@@ -28,7 +28,7 @@ class UsageError(Exception):
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from migrated import bench
+    from migrated._tools import bench
 
     if args.size < 1 or args.repeat < 1:
         raise UsageError("--size and --repeat must be at least 1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from migrated.localrun import WriterProcess
+from migrated._tools.localrun import WriterProcess
 from migrated.receiver import Receiver, ReceiverConfig
 from migrated.sender import SendConfig, Sender
 from migrated.source import FileSource
@@ -29,7 +29,7 @@ def make_image(path: Path, size: int, *, zero_fraction: float = 0.0, seed: int =
 
 @contextmanager
 def writer(path: Path, *args: str):
-    """The sparse writer (migrated.workload) as a child process, ready when yielded."""
+    """The sparse writer (migrated._tools.workload) as a child process, ready when yielded."""
     w = WriterProcess(path, *args)
     try:
         yield w

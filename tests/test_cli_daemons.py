@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemons import image_bytes, make_image, staging_left, state, writer
-from migrated import localrun
+from migrated._tools import localrun
 from migrated.records import image_digest, page_hashes
 
 MiB = 1 << 20

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from daemons import failure_seen, migrate, running_receiver, state
-from migrated import loadgen
+from migrated._tools import loadgen
 from migrated.errors import MigrationError, first_migration_error
-from migrated.localrun import CLI, ReceiverProcess
+from migrated._tools.localrun import CLI, ReceiverProcess
 from migrated.procmem import (
     PM_PRESENT,
     PM_SOFT_DIRTY,
@@ -298,6 +298,9 @@ def send(*args: str) -> subprocess.CompletedProcess:
 def test_experiment_converges_with_xbzrle(receiver, python):
     gen = loadgen.start(python=python)
     try:
+        # the variant named is the one that runs: a missing C source or
+        # compiler must fail the c-loadgen case, not fall back quietly
+        assert gen.kind == ("python" if python else "c"), gen.reason
         r = send("--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "exp", "--max-bandwidth", "8M",
                  "--downtime-limit", "300ms", "--json")
         assert r.returncode == 0, r.stderr

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from migrated.localrun import CLI, ReceiverProcess
+from migrated._tools.localrun import CLI, ReceiverProcess
 
 MiB = 1 << 20
 E2E_TARGET = 0.9
@@ -214,8 +214,8 @@ def format_e2e(r: dict) -> str:
 
 
 def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), max_iterations: int = 3) -> dict:
-    """The XBZRLE experiment on a live process (see migrated.loadgen)."""
-    from migrated import loadgen
+    """The XBZRLE experiment on a live process (see migrated._tools.loadgen)."""
+    from migrated._tools import loadgen
 
     note = progress or (lambda msg: None)
     rows = []
@@ -257,7 +257,7 @@ def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), m
 def loadgen_slowdown(receiver: ReceiverProcess, seconds: float = 2.0) -> dict:
     """Loops per second of the load generator alone, then while migrated
     reads and scans it (XBZRLE on, 8M cap, passes forced to keep going)."""
-    from migrated import loadgen
+    from migrated._tools import loadgen
 
     gen = loadgen.start()
     try:

@@ -58,11 +58,11 @@ class ReceiverProcess:
 
 
 class WriterProcess:
-    """The sparse writer (``python -m migrated.workload``), ready when built."""
+    """The sparse writer (``python -m migrated._tools.workload``), ready when built."""
 
     def __init__(self, path: Path, *args: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migrated.workload", str(path), *args], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "migrated._tools.workload", str(path), *args], stdout=subprocess.PIPE, text=True
         )
         if self.proc.stdout.readline().strip() != "ready":
             self.kill()

@@ -2,8 +2,8 @@
 benchmark: a 16 MiB zeroed buffer in which one byte every KiB is
 incremented in an endless loop.
 
-``start()`` compiles ``ext/loadgen.c`` with the system C compiler (once,
-cached by the source's hash) and runs it; without a compiler, or with
+``start()`` compiles ``loadgen.c`` (package data beside this module) with
+the system C compiler (once, cached by the source's hash) and runs it; without a compiler, or with
 ``python=True``, it runs an equivalent Python loop instead and says why.
 Either way the child prints the addresses of its buffer and of its loop
 counter, which are read back through ``/proc/PID/mem``.
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import structlog
@@ -25,7 +26,7 @@ log = structlog.get_logger("migrated.loadgen")
 
 SIZE = 16 << 20
 STRIDE = 1024
-SOURCE = Path(__file__).resolve().parent.parent / "ext" / "loadgen.c"
+SOURCE = Path(str(resources.files(__package__) / "loadgen.c"))
 
 PYTHON_LOADGEN = f"""
 import ctypes, mmap, sys

@@ -3,7 +3,7 @@ generator in Python. It maps a file shared and, sweep after sweep,
 increments one byte every STRIDE bytes of a region (a few bytes of many
 pages), so a migration always has dirty pages to chase.
 
-    python -m migrated.workload FILE [--offset N] [--length N] [--stride 1024]
+    python -m migrated._tools.workload FILE [--offset N] [--length N] [--stride 1024]
                                      [--sweeps N] [--pause SECONDS]
 
 It prints ``ready`` on stdout once mapped, and after ``--sweeps`` sweeps
@@ -25,7 +25,7 @@ def sweep(buf, offset: int, length: int, stride: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m migrated.workload", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m migrated._tools.workload", description=__doc__.split("\n\n")[0])
     p.add_argument("file")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--length", type=int, default=0, help="bytes of the region (default: to the end of the file)")

@@ -248,13 +248,13 @@ def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=N
     if "core" in wanted:
         result["core"] = run_core(size_mib, repeat, progress=progress)
     if "e2e" in wanted:
-        from migrated import bench_e2e
+        from migrated._tools import bench_e2e
 
         # at least 5: on this kind of VM a migration's first touch of memory
         # its host took back is slow, and no ceiling touches new memory
         result["e2e"] = bench_e2e.run_e2e(repeat=max(repeat, bench_e2e.MIN_REPEAT), progress=progress)
     if "experiment" in wanted:
-        from migrated import bench_e2e
+        from migrated._tools import bench_e2e
 
         result["experiment"] = bench_e2e.run_experiment(progress=progress)
     return result
@@ -265,7 +265,7 @@ def format_all(result: dict) -> str:
     if "core" in result:
         out.append(format_core(result["core"]))
     if "e2e" in result or "experiment" in result:
-        from migrated import bench_e2e
+        from migrated._tools import bench_e2e
 
         if "e2e" in result:
             out.append(bench_e2e.format_e2e(result["e2e"]))

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from migrated.localrun import CLI, ReceiverProcess, WriterProcess
+from migrated._tools.localrun import CLI, ReceiverProcess, WriterProcess
 
 MiB = 1 << 20
 
