@@ -52,7 +52,7 @@ def _receive(args: argparse.Namespace) -> int:
 
     from migrated import log as logsetup
     from migrated.receiver import Receiver, ReceiverConfig
-    from migrated.store import StoreError
+    from migrated.errors import StoreError
 
     try:
         host, port = parse_address(args.listen)
@@ -130,16 +130,9 @@ def _send(args: argparse.Namespace) -> int:
     import trio
 
     from migrated import log as logsetup
-    from migrated.errors import MigrationError
+    from migrated.errors import MigrationCancelled, MigrationError, NetworkError, error_side
     from migrated.protocol import Failure
-    from migrated.sender import (
-        MigrationCancelled,
-        NetworkError,
-        SendConfig,
-        Sender,
-        error_side,
-        format_summary,
-    )
+    from migrated.sender import SendConfig, Sender, format_summary
 
     try:
         host, port = parse_address(args.to)
@@ -173,7 +166,7 @@ def _send(args: argparse.Namespace) -> int:
         else:
             print(format_summary(summary))
         if exc is not None:
-            side = summary.get("error", {}).get("side") or error_side(exc)
+            side = summary.get("error", {}).get("side") or error_side(exc, "sender", "receiver")
             code = summary.get("error", {}).get("code") or getattr(exc, "code", "error")
             print(f"migrated: send {summary['status']} ({side}): {code}: {exc}", file=sys.stderr)
 
@@ -218,7 +211,7 @@ def _send(args: argparse.Namespace) -> int:
                 except MigrationError as exc:
                     if sender.error is None:  # failed before the migration started
                         sender.status = "failed"
-                        sender.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
+                        sender.error = {"side": error_side(exc, "sender", "receiver"), "code": exc.code, "message": str(exc)}
                     report(sender.summary(), exc)
                     return EXIT_FAILED
                 except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout

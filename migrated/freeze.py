@@ -21,8 +21,8 @@ import time
 
 import structlog
 
-from migrated.errors import LocalError
-from migrated.source import ProcessGone, SignalPauser, SourceError, process_state
+from migrated.errors import FreezeError, ProcessGone, SourceError
+from migrated.source import SignalPauser, process_state
 
 log = structlog.get_logger("migrated.freeze")
 
@@ -34,10 +34,6 @@ WALL = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-
-
-class FreezeError(LocalError):
-    code = "freeze"
 
 
 def _ptrace(request: int, tid: int, data: int = 0) -> None:

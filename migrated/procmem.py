@@ -28,7 +28,8 @@ import structlog
 from migrated import _core, records
 from migrated.freeze import Freezer, permission_message
 from migrated.records import BlockInfo
-from migrated.source import Block, ProcessGone, Source, SourceError
+from migrated.errors import ProcessGone, SourceError
+from migrated.source import Block, Source
 
 log = structlog.get_logger("migrated.procmem")
 

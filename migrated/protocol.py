@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from migrated import _core
-from migrated.errors import PeerError, ProtocolError
+from migrated.errors import LocalProtocolError, PeerError, RemoteProtocolError, VersionError
 from migrated.records import (
     AT_CONTROL,
     NEED_DATA as NEED_DATA_REASON,
@@ -53,10 +53,6 @@ _MAX_PAGE_RECORD = 8 + 1 + 255 + 3 + 16384
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
 CAPABILITIES = (CAP_XBZRLE,)
-
-
-class VersionError(ProtocolError):
-    code = "version"
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +176,7 @@ def _next_state(origin: Role, state: State, event: object) -> State:
         return _TRANSITIONS[(origin, state, type(event))]
     except KeyError:
         who = "sender" if origin is Role.SENDER else "receiver"
-        raise ProtocolError(f"{type(event).__name__} from the {who} is not allowed in state {state.name}") from None
+        raise LocalProtocolError(f"{type(event).__name__} from the {who} is not allowed in state {state.name}") from None
 
 
 class Connection:
@@ -204,8 +200,11 @@ class Connection:
     # -- sending ---------------------------------------------------------
 
     def send(self, event) -> bytes:
-        """Bytes for ``event``; the first call also returns the preamble."""
+        """Bytes for ``event``; the first call also returns the preamble.
+        Raises ``LocalProtocolError`` for an event the protocol forbids now."""
         self.state = _next_state(self.role, self.state, event)
+        if isinstance(event, Hello):
+            check_page_size(event.page_size)
         out = self.frame(event)
         if isinstance(event, Hello):
             self.page_size = event.page_size
@@ -349,18 +348,25 @@ class Connection:
 
         Page records are applied on the way (the receiver's hot path: it
         releases the GIL, so callers run this in a worker thread when much
-        is buffered). Raises ``ProtocolError``/``RecordError`` on bad input
-        and ``PeerError`` when the peer reports a failure.
+        is buffered). Raises ``RemoteProtocolError``/``RecordError`` on bad
+        input and ``PeerError`` when the peer reports a failure.
         """
+        try:
+            return self._next_event()
+        except LocalProtocolError as exc:
+            # the one place a check's LocalProtocolError becomes the peer's fault
+            raise RemoteProtocolError(str(exc)) from None
+
+    def _next_event(self):
         if self.peer_version is None:
             self._merge()
             if len(self._buf) < _PREAMBLE.size:
                 if self._buf and not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
-                    raise ProtocolError("peer does not speak the migrated protocol (bad magic)")
+                    raise LocalProtocolError("peer does not speak the migrated protocol (bad magic)")
                 return NEED_DATA
             magic, version = _PREAMBLE.unpack_from(self._buf)
             if magic != MAGIC:
-                raise ProtocolError("peer does not speak the migrated protocol (bad magic)")
+                raise LocalProtocolError("peer does not speak the migrated protocol (bad magic)")
             self.peer_version = version
             del self._buf[: _PREAMBLE.size]
             if version != VERSION:
@@ -404,7 +410,7 @@ class Connection:
                 case Control.WELCOME:
                     caps = tuple(_field(p, "capabilities", list))
                     if not set(caps) <= set(CAPABILITIES):
-                        raise ProtocolError(f"receiver accepted capabilities it was not offered: {caps}")
+                        raise LocalProtocolError(f"receiver accepted capabilities it was not offered: {caps}")
                     return Welcome(caps)
                 case Control.ACK:
                     return Ack(
@@ -423,8 +429,8 @@ class Connection:
                 case Control.ERROR:
                     return Failure(str(p.get("code", "error"))[:64], str(p.get("message", ""))[:4096])
         except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed {rec.control.name} message: {exc}") from None
-        raise ProtocolError(f"unexpected {rec.control.name} message")
+            raise LocalProtocolError(f"malformed {rec.control.name} message: {exc}") from None
+        raise LocalProtocolError(f"unexpected {rec.control.name} message")
 
 
 _REQUIRED = object()
@@ -446,9 +452,11 @@ def _hello(p: dict) -> Hello:
     caps = _field(p, "capabilities", list)
     if not all(isinstance(c, str) for c in caps):
         raise ValueError("capabilities must be strings")
+    page_size = _field(p, "page_size", int)
+    check_page_size(page_size)
     return Hello(
         name=_field(p, "name", str),
-        page_size=_field(p, "page_size", int),
+        page_size=page_size,
         capabilities=tuple(caps),
         source=str(p.get("source", "")),
         version=_field(p, "version", int),
@@ -456,9 +464,9 @@ def _hello(p: dict) -> Hello:
 
 
 def check_page_size(page_size: int) -> None:
-    """Raise ProtocolError unless ``page_size`` is one the codec serves."""
+    """Raise LocalProtocolError unless ``page_size`` is one the codec serves."""
     if not 512 <= page_size <= _core.MAX_PAGE_SIZE or page_size & (page_size - 1):
-        raise ProtocolError(
+        raise LocalProtocolError(
             f"page size {page_size} is not supported: a power of two from 512 to {_core.MAX_PAGE_SIZE} is"
         )
 
@@ -484,7 +492,6 @@ __all__ = [
     "Role",
     "State",
     "VERSION",
-    "VersionError",
     "Welcome",
     "check_page_size",
     "negotiate",

@@ -13,7 +13,15 @@ from functools import partial
 import structlog
 import trio
 
-from migrated.errors import LocalError, MigrationError, PeerError, RemoteError, first_migration_error
+from migrated.errors import (
+    Busy,
+    DigestMismatch,
+    IdleTimeout,
+    MigrationError,
+    PeerError,
+    PeerGone,
+    first_migration_error,
+)
 from migrated.protocol import (
     CAP_XBZRLE,
     NEED_DATA,
@@ -27,7 +35,6 @@ from migrated.protocol import (
     Hello,
     Role,
     Welcome,
-    check_page_size,
     negotiate,
 )
 from migrated.store import ImageStore, Staging, storage_error
@@ -41,22 +48,6 @@ RING_BUFFERS = READ_AHEAD_CHUNKS + 3  # + the one applied, the one being receive
 # thread costs about 110 us of CPU here, as much as applying 0.5-1 MiB; below
 # that the chunk is applied in place (the extension still drops the GIL)
 THREAD_THRESHOLD = 1 << 20
-
-
-class PeerGone(RemoteError):
-    code = "disconnected"
-
-
-class IdleTimeout(RemoteError):
-    code = "idle-timeout"
-
-
-class Busy(LocalError):
-    code = "busy"
-
-
-class DigestMismatch(LocalError):
-    code = "digest-mismatch"
 
 
 @dataclass
@@ -278,7 +269,6 @@ class _Session:
                 self.flushed = (pages, _ms(trio.current_time() - started))
 
     def hello(self, hello: Hello) -> None:
-        check_page_size(hello.page_size)
         name = hello.name
         structlog.contextvars.bind_contextvars(migration=name)
         if name in self.receiver.busy:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from enum import IntEnum, IntFlag
 
 from migrated import _core
-from migrated.errors import ProtocolError, RecordError
+from migrated.errors import LocalProtocolError, RecordError
 
 __all__ = [
     "Applier",
@@ -264,20 +264,20 @@ def parse_record(buf, offset: int) -> ParsedRecord | None:
             return None
         _, kind, length = _CONTROL.unpack_from(mv)
         if length > MAX_CONTROL_PAYLOAD:
-            raise ProtocolError(f"control record at stream offset {offset} declares {length} bytes")
+            raise LocalProtocolError(f"control record at stream offset {offset} declares {length} bytes")
         try:
             kind = Control(kind)
         except ValueError:
-            raise ProtocolError(f"unknown control record type {kind} at stream offset {offset}") from None
+            raise LocalProtocolError(f"unknown control record type {kind} at stream offset {offset}") from None
         end = _CONTROL.size + length
         if len(mv) < end:
             return None
         try:
             payload = json.loads(bytes(mv[_CONTROL.size : end]))
         except ValueError as exc:
-            raise ProtocolError(f"control record at stream offset {offset} is not JSON: {exc}") from None
+            raise LocalProtocolError(f"control record at stream offset {offset} is not JSON: {exc}") from None
         if not isinstance(payload, dict):
-            raise ProtocolError(f"control record at stream offset {offset} is not a JSON object")
+            raise LocalProtocolError(f"control record at stream offset {offset} is not a JSON object")
         return ParsedRecord(Flag.CONTROL, end, control=kind, payload=payload)
     if flags == Flag.MEM_SIZE:
         return _parse_mem_size(mv, offset)

@@ -22,7 +22,15 @@ import trio
 
 from migrated import records
 from migrated.cache import PageCache
-from migrated.errors import MigrationError, RemoteError, first_migration_error
+from migrated.errors import (
+    MigrationCancelled,
+    MigrationError,
+    NetworkError,
+    RemoteError,
+    RemoteProtocolError,
+    error_side,
+    first_migration_error,
+)
 from migrated.protocol import (
     CAP_XBZRLE,
     CAPABILITIES,
@@ -54,14 +62,6 @@ MISS_RATE_OFF = 0.9
 OVERFLOW_RATE_OFF = 0.5
 MIN_JUDGED_LOOKUPS = 64
 MAX_OFF_PASSES = 8
-
-
-class NetworkError(MigrationError):
-    code = "network"
-
-
-class MigrationCancelled(MigrationError):
-    code = "cancelled"
 
 
 @dataclass
@@ -229,7 +229,7 @@ class Sender:
                      downtime_ms=round(self.downtime * 1000, 1), transferred_bytes=self.transferred)
         except MigrationError as exc:
             self.status = "cancelled" if isinstance(exc, MigrationCancelled) else "failed"
-            self.error = {"side": error_side(exc), "code": exc.code, "message": str(exc)}
+            self.error = {"side": error_side(exc, "sender", "receiver"), "code": exc.code, "message": str(exc)}
             if not isinstance(exc, RemoteError):  # tell the receiver why, best effort
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     try:
@@ -514,7 +514,7 @@ class Sender:
             )
             await self._wait(lambda: self._committed is not None, "commit confirmation", self.config.commit_timeout)
             if self._committed.digest != self.digest:
-                raise RemoteError(
+                raise RemoteProtocolError(
                     f"receiver confirmed digest {self._committed.digest[:16]}…, the sender sent {self.digest[:16]}…"
                 )
             self.verified = True
@@ -594,15 +594,6 @@ def _encode(cache, index, bid, view, pages, xbzrle, first, seed, hashes, into):
     return encode_batch(
         cache, index, bid, view, pages, xbzrle=xbzrle, first_pass=first, seed_cache=seed, hashes=hashes, into=into
     )
-
-
-def error_side(exc: BaseException) -> str:
-    """Which side a failure belongs to, for the operator's one-line reason."""
-    if isinstance(exc, NetworkError):
-        return "network"
-    if isinstance(exc, RemoteError):  # the receiver reported it, or sent bad data
-        return "receiver"
-    return "sender"
 
 
 def format_summary(s: dict) -> str:

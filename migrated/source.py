@@ -18,14 +18,10 @@ from pathlib import Path
 
 import structlog
 
-from migrated.errors import LocalError
+from migrated.errors import ProcessGone, SourceError
 from migrated.records import BlockInfo, scan
 
 log = structlog.get_logger("migrated.source")
-
-
-class SourceError(LocalError):
-    code = "source"
 
 
 @dataclass
@@ -122,10 +118,6 @@ class FileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-class ProcessGone(LocalError):
-    code = "process-exited"
 
 
 def process_state(pid: int, tid: int | None = None) -> str | None:

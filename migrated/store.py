@@ -34,21 +34,13 @@ from pathlib import Path
 import structlog
 
 from migrated import __version__
-from migrated.errors import LocalError, RecordError
+from migrated.errors import NoSpace, RecordError, StoreError
 from migrated.records import BlockInfo, hash_marked, image_digest, zero_page_hash
 
 log = structlog.get_logger("migrated.store")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MANIFEST = "manifest.json"
-
-
-class StoreError(LocalError):
-    code = "store"
-
-
-class NoSpace(StoreError):
-    code = "no-space"
 
 
 def storage_error(exc: OSError, what: str) -> StoreError:

@@ -34,3 +34,33 @@ async def test_different_errors_stay_a_group():
                 n.start_soon(_raise, KeyError("k"))  # both fail before either is cancelled
                 n.start_soon(_raise, ValueError("v"))
                 await trio.sleep(10)
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def test_every_error_class_carries_a_code_of_the_table():
+    from migrated import errors
+
+    classes = [c for c in _all_subclasses(errors.MigrationError) if c.__module__ == "migrated.errors"]
+    assert len(classes) >= 20
+    for cls in classes:
+        assert cls.code in errors.CODES, cls
+
+
+def test_docs_mirror_the_table_of_codes():
+    from pathlib import Path
+
+    from migrated import errors
+
+    text = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    section = text.split("## Error codes", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            code, meaning = (cell.strip() for cell in line.strip("|").split("|"))
+            rows[code.strip("`")] = meaning
+    assert rows == errors.CODES

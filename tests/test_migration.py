@@ -293,7 +293,8 @@ def _error_of(answer: bytes) -> dict:
 
 
 def _hello(name="h", page_size=4096) -> bytes:
-    return Connection(Role.SENDER).send(Hello(name, page_size))
+    """A HELLO as a hostile peer writes it: framed without the sender's checks."""
+    return PREAMBLE + Connection.frame(Hello(name, page_size))
 
 
 async def test_hostile_records_fail_the_migration_not_the_daemon(tmp_path):

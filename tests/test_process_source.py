@@ -28,7 +28,7 @@ from migrated.procmem import (
     select_mappings,
     soft_dirty_supported,
 )
-from migrated.source import SourceError
+from migrated.errors import SourceError
 
 MiB = 1 << 20
 

@@ -7,7 +7,15 @@ import struct
 import pytest
 
 from migrated.cache import PageCache
-from migrated.errors import PeerError, ProtocolError, RecordError
+from migrated.errors import (
+    LocalProtocolError,
+    PeerError,
+    ProtocolError,
+    RecordError,
+    RemoteProtocolError,
+    VersionError,
+    error_side,
+)
 from migrated.protocol import (
     NEED_DATA,
     PREAMBLE,
@@ -21,7 +29,6 @@ from migrated.protocol import (
     Hello,
     Role,
     State,
-    VersionError,
     Welcome,
     negotiate,
 )
@@ -130,24 +137,37 @@ def test_ack_reports_the_receivers_flush_and_older_acks_still_parse():
     old = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7})
     assert events(sender_after_pass_0(), old) == [Ack(0, 7, 0, 0.0)]
     bad = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7, "flush_ms": "soon"})
-    with pytest.raises(ProtocolError, match="'flush_ms' must be int or float"):
+    with pytest.raises(RemoteProtocolError, match="'flush_ms' must be int or float"):
         events(sender_after_pass_0(), bad)
 
 
 def test_out_of_order_events_are_refused_both_ways():
-    s = Connection(Role.SENDER)
-    with pytest.raises(ProtocolError, match="not allowed in state HANDSHAKE"):
-        s.send(Complete("x"))
+    # our own misuse is our fault: the operator's reason must not blame the peer
+    for event in (Complete("x"), EndOfPass(0)):
+        with pytest.raises(LocalProtocolError, match="not allowed in state HANDSHAKE") as info:
+            Connection(Role.SENDER).send(event)
+        assert not isinstance(info.value, RemoteProtocolError)
+        assert error_side(info.value, "sender", "receiver") == "sender"
     r = Connection(Role.RECEIVER)
     wire = Connection(Role.SENDER).preamble() + Connection.frame(Complete("x"))
-    with pytest.raises(ProtocolError, match="Complete from the sender is not allowed"):
+    with pytest.raises(RemoteProtocolError, match="Complete from the sender is not allowed") as info:
         events(r, wire)
+    assert not isinstance(info.value, LocalProtocolError)
+    assert error_side(info.value, "receiver", "sender") == "sender"
+
+
+def test_a_page_size_the_codec_cannot_serve_is_refused_both_ways():
+    with pytest.raises(LocalProtocolError, match="page size 1000"):
+        Connection(Role.SENDER).send(Hello("vm", 1000))
+    wire = PREAMBLE + Connection.frame(Hello("vm", 1 << 20))
+    with pytest.raises(RemoteProtocolError, match="page size 1048576"):
+        events(Connection(Role.RECEIVER), wire)
 
 
 def test_preamble_checks():
-    with pytest.raises(ProtocolError, match="bad magic"):
+    with pytest.raises(RemoteProtocolError, match="bad magic"):
         events(Connection(Role.RECEIVER), b"GET / HTTP/1.1\r\n")
-    with pytest.raises(ProtocolError, match="bad magic"):
+    with pytest.raises(RemoteProtocolError, match="bad magic"):
         events(Connection(Role.RECEIVER), b"X")  # caught at the first byte
     with pytest.raises(VersionError, match="version 2"):
         events(Connection(Role.RECEIVER), b"MIGRATED\x00\x00\x00\x02")
@@ -166,19 +186,19 @@ def test_error_from_the_peer_is_raised_with_its_code():
 def test_malformed_control_messages():
     r = Connection(Role.RECEIVER)
     bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 2) + b"[]"
-    with pytest.raises(ProtocolError, match="not a JSON object"):
+    with pytest.raises(RemoteProtocolError, match="not a JSON object"):
         events(r, bad)
     r = Connection(Role.RECEIVER)
     bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 9) + b'{"x": 1}x'
-    with pytest.raises(ProtocolError, match="not JSON"):
+    with pytest.raises(RemoteProtocolError, match="not JSON"):
         events(r, bad)
     r = Connection(Role.RECEIVER)
     bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 200 << 20)
-    with pytest.raises(ProtocolError, match="declares"):  # refused before buffering the body
+    with pytest.raises(RemoteProtocolError, match="declares"):  # refused before buffering the body
         events(r, bad)
     r = Connection(Role.RECEIVER)
     bad = PREAMBLE + struct.pack(">QBI", 0x80, 1, 2) + b"{}"
-    with pytest.raises(ProtocolError, match="malformed HELLO"):
+    with pytest.raises(RemoteProtocolError, match="malformed HELLO"):
         events(r, bad)
 
 
