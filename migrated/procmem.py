@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from migrated import _core, records
+from migrated import _core, pages
 from migrated.freeze import Freezer, permission_message
 from migrated.records import BlockInfo
 from migrated.errors import ProcessGone, SourceError
@@ -158,12 +158,12 @@ def pages_to_read(entries: array, *, anonymous: bool, soft_dirty_only: bool) -> 
     private page that is not present still holds the file's bytes, so it is
     read. With ``soft_dirty_only`` only soft-dirty pages are read."""
     if anonymous:
-        absent = records.select_pages(entries, PM_PRESENT | PM_SWAPPED, False)
+        absent = pages.select_pages(entries, PM_PRESENT | PM_SWAPPED, False)
         mask = PM_SOFT_DIRTY if soft_dirty_only else PM_PRESENT | PM_SWAPPED
-        return records.select_pages(entries, mask), absent
+        return pages.select_pages(entries, mask), absent
     if soft_dirty_only:
-        return records.select_pages(entries, PM_SOFT_DIRTY), array("Q")
-    return records.page_range(0, len(entries)), array("Q")
+        return pages.select_pages(entries, PM_SOFT_DIRTY), array("Q")
+    return pages.page_range(0, len(entries)), array("Q")
 
 
 class _Buffer:
@@ -252,8 +252,8 @@ class ProcessSource(Source):
                 buf = self._buffers[bid] = _Buffer(m.length)
             read, absent = pages_to_read(pagemaps[bid], anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
             if buf.filled and len(absent):
-                buf.zero_runs(records.page_runs(absent))
-            self._read(m, buf, records.page_runs(read))
+                buf.zero_runs(pages.page_runs(absent))
+            self._read(m, buf, pages.page_runs(read))
             buf.filled = True
             info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
             blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), buf.map))

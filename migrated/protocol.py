@@ -3,9 +3,11 @@
 Neither trio nor sockets appear here. A ``Connection`` is one end of one
 migration: ``send(event)`` returns the bytes to write, ``receive_data(data)``
 buffers what the peer wrote, ``next_event()`` returns the next event or
-``NEED_DATA``. On the receiving end of page records a ``Connection`` applies
-them itself, through an ``Applier``, into the buffers given to
-``set_blocks``, so the hot path never surfaces page by page.
+``NEED_DATA``. On the receiving end, page records never surface one by
+one: the connection hands them, as bytes, to the ``PageSink`` it was given
+(the store's applier, or an applier over plain memory in tests), which
+decodes and writes them. The connection itself touches no file, mapping or
+socket.
 
 Each direction starts with a 12-byte preamble (``MIGRATED`` and a u32
 protocol version), then records (docs/format.md):
@@ -27,13 +29,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Protocol
 
 from migrated import _core
 from migrated.errors import LocalProtocolError, PeerError, RemoteProtocolError, VersionError
 from migrated.records import (
     AT_CONTROL,
     NEED_DATA as NEED_DATA_REASON,
-    Applier,
     BlockInfo,
     Control,
     Flag,
@@ -127,6 +129,31 @@ class Failure:
     message: str
 
 
+class PageSink(Protocol):
+    """What a receiving ``Connection`` hands page records to (``records.Applier``
+    is one). It consumes complete page records from the front of ``data``
+    and stops before an incomplete one or a non-page record."""
+
+    allow_xbzrle: bool  # set by the connection from the negotiated capabilities
+
+    @property
+    def position(self) -> int:
+        """Stream offset of the next byte it will be given (for error messages)."""
+        ...
+
+    def apply(self, data: memoryview) -> tuple[int, int]:
+        """Returns (bytes consumed, records.NEED_DATA or records.AT_CONTROL)."""
+        ...
+
+    def skip(self, nbytes: int) -> None:
+        """``nbytes`` of non-page records went past (keeps ``position``)."""
+        ...
+
+    def forget_current(self) -> None:
+        """The next page record must name its block (after a non-page record)."""
+        ...
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
@@ -194,8 +221,7 @@ class Connection:
         self._chunk: bytes | None = None
         self._pos = 0
         self._preamble_sent = False
-        self._applier: Applier | None = None
-        self._blocks_known = False
+        self._sink: PageSink | None = None
 
     # -- sending ---------------------------------------------------------
 
@@ -263,38 +289,15 @@ class Connection:
 
     # -- receiving -------------------------------------------------------
 
-    def set_blocks(self, buffers) -> None:
-        """Receiver: the writable buffers for the block list just received,
-        as ``[(id: bytes, buffer[, fresh[, fd[, marks]]])]`` in any order (see
-        ``Applier.set_blocks``)."""
-        if self._applier is None:
-            self._applier = Applier(self.page_size)
-            self._applier.skip(self.received_bytes - self.buffered)
-            self._applier.allow_xbzrle = CAP_XBZRLE in self.capabilities
-        self._applier.set_blocks(buffers)
-        self._blocks_known = True
-
-    def end_of_fresh_blocks(self) -> None:
-        """Receiver: the pass that sent the new blocks whole has ended."""
-        if self._applier is not None:
-            self._applier.clear_fresh()
-
-    def release_blocks(self) -> None:
-        """Receiver: drop the block buffers (before they are unmapped or resized)."""
-        if self._applier is not None:
-            self._applier.release()
-
-    @property
-    def page_counters(self) -> dict[str, int]:
-        a = self._applier
-        if a is None:
-            return {"zero_pages": 0, "normal_pages": 0, "xbzrle_pages": 0, "xbzrle_bytes": 0}
-        return {
-            "zero_pages": a.zero_pages,
-            "normal_pages": a.normal_pages,
-            "xbzrle_pages": a.xbzrle_pages,
-            "xbzrle_bytes": a.xbzrle_bytes,
-        }
+    def set_page_sink(self, sink: PageSink) -> None:
+        """Receiver: where page records go from now on, once the block list
+        just received is in place. The sink is told the stream offset it
+        starts at and whether XBZRLE records were negotiated."""
+        if self.role is not Role.RECEIVER:
+            raise LocalProtocolError("only a receiving connection takes page records")
+        sink.skip(self.received_bytes - self.buffered - sink.position)
+        sink.allow_xbzrle = CAP_XBZRLE in self.capabilities
+        self._sink = sink
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer. The latest chunk is kept as it is (not
@@ -318,7 +321,7 @@ class Connection:
         (``_buf`` then ``_chunk[_pos:]``). A record cut by a chunk boundary is
         completed in ``_buf`` with just enough of the next chunk; the rest of
         a chunk is applied where it lies."""
-        apply = self._applier.apply
+        apply = self._sink.apply
         if self._buf:
             old = len(self._buf)
             if self._chunk is not None:
@@ -372,7 +375,7 @@ class Connection:
             if version != VERSION:
                 raise VersionError(f"peer speaks protocol version {version}, this migrated speaks {VERSION}")
         while True:
-            if self.role is Role.RECEIVER and self.state is State.RUNNING and self._blocks_known:
+            if self._sink is not None and self.state is State.RUNNING:
                 if self._apply_pages() != AT_CONTROL:
                     return NEED_DATA
             self._merge()
@@ -384,9 +387,9 @@ class Connection:
             if rec is None:
                 return NEED_DATA
             del self._buf[: rec.size]
-            if self._applier is not None:
-                self._applier.skip(rec.size)
-                self._applier.forget_current()
+            if self._sink is not None:
+                self._sink.skip(rec.size)
+                self._sink.forget_current()
             event = self._event_from(rec)
             self.state = _next_state(self.peer_role, self.state, event)
             if isinstance(event, Hello):
@@ -489,6 +492,7 @@ __all__ = [
     "Hello",
     "NEED_DATA",
     "PREAMBLE",
+    "PageSink",
     "Role",
     "State",
     "VERSION",

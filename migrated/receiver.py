@@ -37,6 +37,7 @@ from migrated.protocol import (
     Welcome,
     negotiate,
 )
+from migrated.records import Applier
 from migrated.store import ImageStore, Staging, storage_error
 
 log = structlog.get_logger("migrated.receiver")
@@ -166,13 +167,15 @@ class _Session:
         self.conn = conn
         self.name: str | None = None
         self.staging: Staging | None = None
+        self.applier: Applier | None = None  # the staging's, kept for its counters
         self.passes = 0
         self.started = trio.current_time()
         self.files = trio.Lock()  # staging files change shape or get flushed one at a time
         self.flushed = (0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds
 
     def progress(self) -> dict:
-        return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **self.conn.page_counters}
+        applied = {k: getattr(self.applier, k, 0) for k in ("zero_pages", "normal_pages", "xbzrle_pages", "xbzrle_bytes")}
+        return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **applied}
 
     async def send(self, event) -> None:
         await self.stream.send_all(self.conn.send(event))
@@ -241,13 +244,12 @@ class _Session:
             event = await self.next_event(chunks)
             if isinstance(event, BlockList):
                 async with self.files:
-                    self.conn.release_blocks()
-                    buffers = await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
-                    self.conn.set_blocks(buffers)
+                    await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
+                    self.conn.set_page_sink(self.staging.applier)
                 log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
             elif isinstance(event, EndOfPass):
                 self.passes += 1
-                self.conn.end_of_fresh_blocks()
+                self.staging.end_of_fresh_blocks()
                 await self.send(Ack(event.pass_number, self.conn.received_bytes, *self.flushed))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
                 if not self.files.locked():
@@ -274,6 +276,7 @@ class _Session:
         if name in self.receiver.busy:
             raise Busy(f"a migration to image {name!r} is already in progress on this receiver")
         self.staging = self.receiver.store.begin(name, hello.page_size, hello.source)
+        self.applier = self.staging.applier
         self.name = name
         self.receiver.busy.add(name)
 
@@ -281,7 +284,6 @@ class _Session:
         """Verify and commit; the log line splits the time (part of the
         sender's downtime) into waiting for a write-back, the digest, and
         the durable commit."""
-        self.conn.release_blocks()
         started = trio.current_time()
         held = await trio.to_thread.run_sync(self.staging.digest)
         verified = trio.current_time()
@@ -313,7 +315,6 @@ class _Session:
             self.release()
 
     def release(self) -> None:
-        self.conn.release_blocks()
         if self.staging is not None:
             self.staging.discard()
             self.staging = None

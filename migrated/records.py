@@ -9,26 +9,30 @@ high bits and flags in the low 9 bits (QEMU's flag values).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
-import sys
-from array import array
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, IntFlag
+from typing import Any, NamedTuple
 
 from migrated import _core
 from migrated.errors import LocalProtocolError, RecordError
 
 __all__ = [
+    "AT_CONTROL",
+    "NEED_DATA",
     "Applier",
     "BatchStats",
     "BlockInfo",
+    "BlockTarget",
     "Control",
     "Flag",
     "encode_batch",
-    "page_hashes",
-    "scan",
+    "encode_capacity",
+    "frame_control",
+    "frame_eos",
+    "frame_mem_size",
+    "parse_record",
 ]
 
 
@@ -52,7 +56,6 @@ _HEADER = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _CONTROL = struct.Struct(">QBI")
 _BLOCK = struct.Struct(">QIH")
-_DIGEST_BLOCK = struct.Struct("<HQ")
 
 
 class Control(IntEnum):
@@ -133,45 +136,21 @@ def encode_batch(
     return data, BatchStats(*counters)
 
 
+#: the receiver's record applier (a ``protocol.PageSink``); its stop reasons
 Applier = _core.Applier
+NEED_DATA = _core.NEED_DATA  # the rest of the data is an incomplete record (or nothing)
+AT_CONTROL = _core.CONTROL  # the next record is not a page record
 encode_capacity = _core.encode_capacity
-NEED_DATA = _core.NEED_DATA
-AT_CONTROL = _core.CONTROL
-scan = _core.scan
-page_hashes = _core.page_hashes
-hash_marked = _core.hash_marked
-zero_page_hash = _core.zero_page_hash
-page_count = _core.page_count
-page_range = _core.page_range
-merge_pages = _core.merge_pages
-page_runs = _core.page_runs
-select_pages = _core.select_pages
 
 
-def image_digest(blocks) -> str:
-    """Digest of an image from its per-page hashes.
+class BlockTarget(NamedTuple):
+    """Where the applier writes one block (``Applier.set_blocks`` takes these)."""
 
-    ``blocks`` yields ``(id, length, hashes)`` in block-list order, where
-    ``hashes`` is the ``array('Q')`` of page hashes (as ``page_hashes`` and
-    ``encode_batch`` keep them). The sender computes it from the hashes of
-    the pages as sent, the receiver from the pages it holds; the hashes are
-    taken little-endian so both hosts agree whatever their byte order.
-    """
-    h = hashlib.blake2b(digest_size=32)
-    for block_id, length, hashes in blocks:
-        bid = block_id.encode() if isinstance(block_id, str) else block_id
-        h.update(_DIGEST_BLOCK.pack(len(bid), length))
-        h.update(bid)
-        if sys.byteorder == "big":
-            hashes = array("Q", hashes)
-            hashes.byteswap()
-        h.update(memoryview(hashes).cast("B"))
-    return h.hexdigest()
-
-
-def page_numbers(numbers) -> array:
-    """An ``array('Q')`` of page numbers, as the batch functions take."""
-    return array("Q", numbers)
+    id: bytes
+    buffer: Any  # writable buffer of the block, a whole number of pages
+    fresh: bool = False  # known to be all zeros: zero fills are skipped, whole pages go by fd
+    fd: int = -1  # the file ``buffer`` maps, for pwritev; -1 for none
+    marks: bytearray | None = None  # one byte per page, set for every page written
 
 
 # ---------------------------------------------------------------------------

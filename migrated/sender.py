@@ -21,6 +21,7 @@ import structlog
 import trio
 
 from migrated import records
+from migrated.pages import image_digest, merge_pages, page_range
 from migrated.cache import PageCache
 from migrated.errors import (
     MigrationCancelled,
@@ -360,11 +361,11 @@ class Sender:
         for block in blocks:
             t = self.tracked[block.info.id]
             if first or block.info.id in changed_layout:
-                pages = records.page_range(0, block.info.pages)  # sent whole: nothing to merge
+                pages = page_range(0, block.info.pages)  # sent whole: nothing to merge
             else:
                 pages = await self._changed(block, t.hashes)
                 if extra and block.info.id in extra:
-                    pages = records.merge_pages(extra[block.info.id], pages)
+                    pages = merge_pages(extra[block.info.id], pages)
             plan.append((t, block, pages))
         self.blocks = blocks
         return plan
@@ -500,7 +501,7 @@ class Sender:
             plan = await self._plan(first=False, stream=stream, extra=extra)
             scan_seconds = trio.current_time() - scan_start
             report = await self._send_pass(stream, pass_no, plan, first=False, final=True)
-            self.digest = records.image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
+            self.digest = image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
             await self._write(stream, self.conn.send(Complete(self.digest, self.source.info())))
             log.info(
                 "send_final_pass",

@@ -19,7 +19,8 @@ from pathlib import Path
 import structlog
 
 from migrated.errors import ProcessGone, SourceError
-from migrated.records import BlockInfo, scan
+from migrated.pages import scan
+from migrated.records import BlockInfo
 
 log = structlog.get_logger("migrated.source")
 

@@ -35,7 +35,8 @@ import structlog
 
 from migrated import __version__
 from migrated.errors import NoSpace, RecordError, StoreError
-from migrated.records import BlockInfo, hash_marked, image_digest, zero_page_hash
+from migrated.pages import hash_marked, image_digest, zero_page_hash
+from migrated.records import Applier, BlockInfo, BlockTarget
 
 log = structlog.get_logger("migrated.store")
 
@@ -174,8 +175,11 @@ class _BlockFile:
 
 
 class Staging:
-    """An image being received. Use ``set_blocks``, then ``digest`` and
-    ``commit`` (then ``tidy``); ``discard`` on any failure (it is idempotent)."""
+    """An image being received: its directory, one file per block, and the
+    ``applier`` that writes page records into them (the ``PageSink`` the
+    receiving connection is given). Use ``set_blocks`` for every block list,
+    then ``digest`` and ``commit`` (then ``tidy``); ``discard`` on any failure
+    (it is idempotent)."""
 
     def __init__(self, store: ImageStore, name: str, page_size: int, source: str):
         self.store = store
@@ -186,15 +190,15 @@ class Staging:
         self.dir.mkdir()
         self.blocks: dict[str, _BlockFile] = {}
         self.order: list[str] = []
+        self.applier = Applier(page_size)
         self._files = 0
         self._replaced: Path | None = None  # the committed version this one replaced
 
-    def set_blocks(self, blocks) -> list[tuple]:
+    def set_blocks(self, blocks) -> list[BlockTarget]:
         """Follow a block list: resize kept blocks, create new ones, delete
-        dropped ones. Returns ``[(id, writable buffer, fresh, fd, marks)]`` for
-        the applier (fresh: created by this call, so all zeros; fd: the file
-        the buffer maps; marks: where it marks the pages it writes); the
-        previous buffers must no longer be in use."""
+        dropped ones, and point the applier at the new files (a block made
+        just now is fresh: all zeros). Returns the applier's targets."""
+        self.applier.release()  # its views of the old mappings go before they do
         ids = [b.id for b in blocks]
         if len(set(ids)) != len(ids):
             raise RecordError("block list names a block twice", 0)
@@ -219,7 +223,15 @@ class Staging:
         self.order = ids
         # a block file made just now is all zeros: the applier may skip zero
         # fills, and writes its whole pages to the file rather than the map
-        return [(bid.encode(), f.map, bid in created, f.fd, f.marks) for bid, f in ((b, self.blocks[b]) for b in ids)]
+        targets = [BlockTarget(bid.encode(), f.map, bid in created, f.fd, f.marks)
+                   for bid, f in ((b, self.blocks[b]) for b in ids)]
+        self.applier.set_blocks(targets)
+        return targets
+
+    def end_of_fresh_blocks(self) -> None:
+        """The pass that sent the new blocks whole has ended: from now on
+        every zero fill is written."""
+        self.applier.clear_fresh()
 
     def write_back(self) -> int:
         """Between passes: hash the pages written so far, and flush them
@@ -242,6 +254,7 @@ class Staging:
 
     def commit(self, digest: str, source_info: dict | None = None) -> Path:
         """Make this the committed image of its name, atomically and durably."""
+        self.applier.release()
         blocks = []
         for bid in self.order:
             f = self.blocks[bid]
@@ -300,6 +313,7 @@ class Staging:
             self._replaced = None
 
     def discard(self) -> None:
+        self.applier.release()
         for f in self.blocks.values():
             f.close()
         self.blocks.clear()

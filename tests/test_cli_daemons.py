@@ -13,7 +13,7 @@ import pytest
 
 from daemons import image_bytes, make_image, staging_left, state, writer
 from migrated._tools import localrun
-from migrated.records import image_digest, page_hashes
+from migrated.pages import image_digest, page_hashes
 
 MiB = 1 << 20
 CLI = localrun.CLI

@@ -21,8 +21,9 @@ from daemons import (
     writer,
 )
 from migrated.errors import MigrationError, PeerError
+from migrated.pages import image_digest, page_hashes
 from migrated.protocol import PREAMBLE, Connection, Hello, Role
-from migrated.records import page_hashes, image_digest
+from migrated.records import Applier
 from migrated.source import FileSource
 
 MiB = 1 << 20
@@ -436,9 +437,11 @@ async def test_a_failed_page_write_fails_the_migration_and_keeps_the_image(tmp_p
         opened = []
 
         def read_only_blocks(self, blocks):
-            entries = original(self, blocks)
-            opened.extend(os.open(f"/proc/self/fd/{e[3]}", os.O_RDONLY) for e in entries)
-            return [(*e[:3], ro, *e[4:]) for e, ro in zip(entries, opened[-len(entries):])]
+            targets = original(self, blocks)
+            opened.extend(os.open(f"/proc/self/fd/{t.fd}", os.O_RDONLY) for t in targets)
+            targets = [t._replace(fd=ro) for t, ro in zip(targets, opened[-len(targets) :])]
+            self.applier.set_blocks(targets)
+            return targets
 
         monkeypatch.setattr(Staging, "set_blocks", read_only_blocks)
         with pytest.raises(PeerError) as err:
@@ -536,7 +539,8 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
     import random
 
     from migrated.cache import PageCache
-    from migrated.records import Applier, BlockInfo, encode_batch, page_range, scan
+    from migrated.pages import page_range, scan
+    from migrated.records import BlockInfo, encode_batch
     from migrated.store import ImageStore
 
     rng = random.Random(length)
@@ -545,7 +549,7 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
     src[8 * 4096 : 16 * 4096] = bytes(8 * 4096)
     sent = page_hashes(bytes(len(src)))
     cache = PageCache(1 << 20)
-    applier = Applier(4096)
+    applier = staging.applier
 
     def send(first: bool) -> None:
         pages = page_range(0, len(sent)) if first else scan(src, sent, 4096)
@@ -558,9 +562,9 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
         assert staging.digest() == image_digest([("ram", len(src), page_hashes(bytes(src)))])
 
     try:
-        applier.set_blocks(staging.set_blocks([BlockInfo("ram", len(src), 4096)]))
+        staging.set_blocks([BlockInfo("ram", len(src), 4096)])
         send(first=True)
-        applier.clear_fresh()
+        staging.end_of_fresh_blocks()
         staging.write_back()  # a round of hashing between passes
         for round_ in range(3):
             for _ in range(40):
@@ -573,13 +577,11 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
         for new_length in (length - 5000, length + 3 * 4096 + 7):  # the block shrinks, then grows
             del src[new_length:]
             src.extend(rng.randbytes(new_length - len(src)))
-            applier.release()
-            applier.set_blocks(staging.set_blocks([BlockInfo("ram", new_length, 4096)]))
+            staging.set_blocks([BlockInfo("ram", new_length, 4096)])
             sent = page_hashes(bytes(len(src)))  # a resized block is sent whole
             send(first=True)
             check()
     finally:
-        applier.release()
         staging.discard()
 
 
@@ -631,7 +633,9 @@ async def _receiver_that_dies_at_commit(stream):
             elif isinstance(ev, Hello):
                 await stream.send_all(conn.send(Welcome(("xbzrle",))))
             elif hasattr(ev, "blocks"):
-                conn.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
+                sink = Applier(4096)
+                sink.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
+                conn.set_page_sink(sink)
             elif isinstance(ev, EndOfPass):
                 await stream.send_all(conn.send(Ack(ev.pass_number)))
             elif isinstance(ev, Complete):

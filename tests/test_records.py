@@ -14,7 +14,8 @@ import pytest
 from migrated import records
 from migrated.cache import PageCache, page_key
 from migrated.errors import ProtocolError, RecordError
-from migrated.records import Applier, BlockInfo, Control, Flag, encode_batch, page_numbers
+from migrated.pages import hash_marked, page_count, page_hashes, page_numbers, page_range, scan
+from migrated.records import Applier, BlockInfo, Control, Flag, encode_batch
 
 PS = 4096
 
@@ -125,9 +126,9 @@ def send_pass(cache, blocks, hashes, first, chunk=None, receiver=None, **kw):
     total = records.BatchStats()
     for index, (bid, buf) in enumerate(blocks.items()):
         if first:
-            pages = page_numbers(range(records.page_count(len(buf), PS)))
+            pages = page_numbers(range(page_count(len(buf), PS)))
         else:
-            pages = records.scan(buf, hashes[bid], PS)
+            pages = scan(buf, hashes[bid], PS)
         data, st = encode_batch(cache, index, bid, buf, pages, first_pass=first, hashes=hashes[bid], **kw)
         receiver.feed(data, chunk)
         total += st
@@ -139,7 +140,7 @@ def test_round_trip_with_concurrent_writer():
     stopped reproduces the source exactly; the cache always equals the receiver."""
     rng = random.Random(11)
     blocks = {b"a": bytearray(rng.randbytes(64 * PS)), b"tail": bytearray(10 * PS + 123)}
-    hashes = {bid: records.page_hashes(bytes(len(b)), PS) for bid, b in blocks.items()}
+    hashes = {bid: page_hashes(bytes(len(b)), PS) for bid, b in blocks.items()}
     cache = PageCache(128 * PS)
     rx = Receiver(blocks)
     stop = threading.Event()
@@ -169,7 +170,7 @@ def test_round_trip_with_concurrent_writer():
     assert xbz > 0
     # the cache holds exactly what the receiver holds
     for index, bid in enumerate(blocks):
-        for p in range(records.page_count(len(blocks[bid]), PS)):
+        for p in range(page_count(len(blocks[bid]), PS)):
             key = page_key(index, p)
             if key in cache:
                 assert cache.get(key) == bytes(rx.targets[bid][p * PS : (p + 1) * PS])
@@ -181,7 +182,7 @@ def test_round_trip_any_chunking(chunk):
     src = bytearray(rng.randbytes(12 * PS))
     src[3 * PS : 5 * PS] = bytes(2 * PS)
     blocks = {b"blk": src}
-    hashes = {b"blk": records.page_hashes(bytes(len(src)), PS)}
+    hashes = {b"blk": page_hashes(bytes(len(src)), PS)}
     cache = PageCache(64 * PS)
     rx = Receiver(blocks)
     send_pass(cache, blocks, hashes, True, chunk=chunk, receiver=rx)
@@ -198,7 +199,7 @@ def test_xbzrle_off_sends_raw_and_drops_stale_cache_entries():
     src[:] = bytes(range(256)) * 64
     cache = PageCache(16 * PS)
     blocks = {b"b": src}
-    hashes = {b"b": records.page_hashes(bytes(len(src)), PS)}
+    hashes = {b"b": page_hashes(bytes(len(src)), PS)}
     rx = Receiver(blocks)
     send_pass(cache, blocks, hashes, True, receiver=rx)
     assert cache.pages == 4  # seeded in the first pass
@@ -369,19 +370,19 @@ def test_truncated_record_waits_for_more_data():
 def test_scan_finds_exactly_the_changed_pages():
     rng = random.Random(4)
     buf = bytearray(rng.randbytes(100 * PS + 17))
-    hashes = records.page_hashes(buf, PS)
+    hashes = page_hashes(buf, PS)
     assert len(hashes) == 101
-    assert list(records.scan(buf, hashes, PS)) == []
+    assert list(scan(buf, hashes, PS)) == []
     changed = sorted(rng.sample(range(101), 20))
     for p in changed:
         buf[min(p * PS + rng.randrange(PS), len(buf) - 1)] ^= 0x80
-    assert list(records.scan(buf, hashes, PS)) == changed
-    assert list(records.scan(buf, hashes, PS)) == []  # the array was updated
+    assert list(scan(buf, hashes, PS)) == changed
+    assert list(scan(buf, hashes, PS)) == []  # the array was updated
 
 
 def test_scan_rejects_short_hash_array():
     with pytest.raises(ValueError, match="hash array"):
-        records.scan(bytearray(4 * PS), records.page_hashes(bytearray(2 * PS), PS), PS)
+        scan(bytearray(4 * PS), page_hashes(bytearray(2 * PS), PS), PS)
 
 
 def test_fresh_blocks_skip_zero_fills_until_cleared():
@@ -392,7 +393,7 @@ def test_fresh_blocks_skip_zero_fills_until_cleared():
 
     src = bytearray(3 * 4096)
     src[4096:8192] = b"\x07" * 4096  # page 1: fill 7, pages 0 and 2: zero
-    data, _ = records.encode_batch(PageCache(0), 0, b"ram", src, records.page_numbers([0, 1, 2]), xbzrle=False)
+    data, _ = records.encode_batch(PageCache(0), 0, b"ram", src, page_numbers([0, 1, 2]), xbzrle=False)
     target = bytearray(b"\xee" * (3 * 4096))  # not actually zero: shows which fills were skipped
     a = records.Applier(4096)
     a.set_blocks([(b"ram", target, True)])
@@ -466,7 +467,7 @@ def test_fresh_file_blocks_get_whole_pages_through_the_file(tmp_path, chunk):
         cache = PageCache(0)
         stream = bytearray()
         for index, (bid, src) in enumerate([(b"a", a), (b"b", b)]):
-            data, _ = encode_batch(cache, index, bid, src, records.page_range(0, len(src) // PS), first_pass=True)
+            data, _ = encode_batch(cache, index, bid, src, page_range(0, len(src) // PS), first_pass=True)
             stream += data
         feed(ap, stream, chunk)
         assert ap.normal_pages == 1500 - 40 + 30 and ap.zero_pages == 40
@@ -537,7 +538,7 @@ def test_a_failed_file_write_is_an_os_error_naming_it(tmp_path):
     ap = Applier(PS)
     try:
         ap.set_blocks(files.entries())
-        data, _ = encode_batch(PageCache(0), 0, b"a", src, records.page_range(0, 4), first_pass=True)
+        data, _ = encode_batch(PageCache(0), 0, b"a", src, page_range(0, 4), first_pass=True)
         with pytest.raises(OSError, match="cannot write pages to the image file: Bad file descriptor"):
             ap.apply(data)
         ap.set_blocks(files.entries(fresh=False))  # not fresh: pages are copied through the mapping
@@ -551,7 +552,7 @@ def test_a_failed_file_write_is_an_os_error_naming_it(tmp_path):
 def test_encode_into_a_given_buffer_matches_a_new_one():
     src = bytearray(random.Random(6).randbytes(64 * PS))
     src[: 8 * PS] = bytes(8 * PS)
-    pages = records.page_range(0, 64)
+    pages = page_range(0, 64)
     expect, st1 = encode_batch(PageCache(0), 0, b"ram", src, pages, first_pass=True)
     into = bytearray(records.encode_capacity(64, 3, PS))
     got, st2 = encode_batch(PageCache(0), 0, b"ram", src, pages, first_pass=True, into=into)
@@ -575,11 +576,11 @@ def test_reading_a_truncated_mapping_is_a_source_fault_not_a_crash(tmp_path):
         maps = [mmap.mmap(fd, 16 * PS, mmap.MAP_SHARED, mmap.PROT_READ) for _ in range(2)]
         os.truncate(path, 8 * PS + 100)  # page 8 keeps its first 100 bytes
         with pytest.raises(SourceFault, match=rf"byte {9 * PS} of a {16 * PS}-byte block is gone \(7 page"):
-            records.scan(maps[0], records.page_hashes(bytes(16 * PS), PS), PS)
+            scan(maps[0], page_hashes(bytes(16 * PS), PS), PS)
         with pytest.raises(SourceFault, match="truncated"):
-            encode_batch(PageCache(0), 0, b"ram", maps[1], records.page_range(0, 16), first_pass=True)
+            encode_batch(PageCache(0), 0, b"ram", maps[1], page_range(0, 16), first_pass=True)
         # pages that still exist read as before
-        data, st = encode_batch(PageCache(0), 0, b"ram", maps[1], records.page_range(0, 8), first_pass=True)
+        data, st = encode_batch(PageCache(0), 0, b"ram", maps[1], page_range(0, 8), first_pass=True)
         assert st.normal_pages == 8
         for m in maps:
             m.close()
@@ -614,14 +615,14 @@ def test_hashing_marked_pages_while_they_are_written_misses_nothing():
     npages = 256
     target = bytearray(npages * PS)
     marks = bytearray(npages)
-    hashes = records.page_hashes(bytes(len(target)), PS)
+    hashes = page_hashes(bytes(len(target)), PS)
     ap = Applier(PS)
     ap.set_blocks([(b"ram", target, False, None, marks)])
     rng = random.Random(9)
     batches = []
     for _ in range(150):
         src = bytearray(rng.randbytes(npages * PS))
-        pages = records.page_numbers(sorted(rng.sample(range(npages), 128)))
+        pages = page_numbers(sorted(rng.sample(range(npages), 128)))
         batches.append(encode_batch(PageCache(0), 0, b"ram", src, pages, xbzrle=False)[0])
     done = threading.Event()
     rounds = 0
@@ -629,7 +630,7 @@ def test_hashing_marked_pages_while_they_are_written_misses_nothing():
     def hasher():
         nonlocal rounds
         while not done.is_set():
-            records.hash_marked(target, marks, hashes, PS)
+            hash_marked(target, marks, hashes, PS)
             rounds += 1
 
     t = threading.Thread(target=hasher)
@@ -640,7 +641,7 @@ def test_hashing_marked_pages_while_they_are_written_misses_nothing():
     finally:
         done.set()
         t.join()
-    records.hash_marked(target, marks, hashes, PS)
+    hash_marked(target, marks, hashes, PS)
     assert rounds > 1 and not any(marks)
-    assert hashes == records.page_hashes(target, PS)
+    assert hashes == page_hashes(target, PS)
     ap.release()

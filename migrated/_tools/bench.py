@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from migrated import _core, records
 from migrated.cache import PageCache
-from migrated.records import encode_batch, page_numbers
+from migrated.pages import page_hashes, page_numbers, scan
+from migrated.records import encode_batch
 
 PAGE = 4096
 TEMPLATE = 1 << 20  # workloads are built on 1 MiB and tiled over the working set
@@ -206,8 +207,8 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
         {"op": "batch-apply", "workload": "seed", "mbps": mbps(ba_s), "memcmp_mbps": mbps(ba_near),
          "target": OTHER_TARGETS["batch-apply seed"]}
     )
-    hashes = records.page_hashes(old, PAGE)
-    sc_s, near = _paired(lambda: records.scan(old, hashes, PAGE), repeat, memcmp)
+    hashes = page_hashes(old, PAGE)
+    sc_s, near = _paired(lambda: scan(old, hashes, PAGE), repeat, memcmp)
     rows.append({"op": "scan", "workload": "unchanged", "mbps": mbps(sc_s), "memcmp_mbps": mbps(near),
                  "target": OTHER_TARGETS["scan unchanged"]})
     note(f"scan: {mbps(sc_s):.0f} MB/s")
