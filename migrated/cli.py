@@ -126,31 +126,21 @@ def make_source(args: argparse.Namespace):
     raise UsageError(f"--source {args.source!r}: unknown kind {kind!r}; use file:PATH or pid:PID")
 
 
-def _send(args: argparse.Namespace) -> int:
-    import trio
+def _send_config(args: argparse.Namespace):
+    """The migration's settings from the command line (usage errors first)."""
+    from migrated.errors import RecordError
+    from migrated.sender import SendConfig
+    from migrated.store import check_name
 
-    from migrated import log as logsetup
-    from migrated.errors import MigrationCancelled, MigrationError, NetworkError, error_side
-    from migrated.protocol import Failure
-    from migrated.sender import SendConfig, Sender, format_summary
-
-    try:
-        host, port = parse_address(args.to)
-    except ValueError as exc:
-        raise UsageError(f"--to: {exc}") from None
     if args.max_iterations < 1:
         raise UsageError("--max-iterations must be at least 1")
     if args.max_bandwidth is not None and args.max_bandwidth < 4096:
         raise UsageError("--max-bandwidth must be at least 4K (bytes per second)")
-    from migrated.store import check_name
-
     try:
         check_name(args.name)
-    except ValueError as exc:
+    except RecordError as exc:
         raise UsageError(f"--name: {exc}") from None
-    source = make_source(args)
-    logsetup.configure(args.log_format, args.log_level)
-    config = SendConfig(
+    return SendConfig(
         name=args.name,
         cache_size=args.cache_size,
         max_bandwidth=args.max_bandwidth,
@@ -160,78 +150,89 @@ def _send(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
 
-    def report(summary: dict, exc: BaseException | None) -> None:
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            print(format_summary(summary))
-        if exc is not None:
-            side = summary.get("error", {}).get("side") or error_side(exc, "sender", "receiver")
-            code = summary.get("error", {}).get("code") or getattr(exc, "code", "error")
-            print(f"migrated: send {summary['status']} ({side}): {code}: {exc}", file=sys.stderr)
 
-    async def main() -> int:
-        import structlog
+def _send(args: argparse.Namespace) -> int:
+    import trio
 
-        structlog.contextvars.bind_contextvars(migration=args.name, peer=args.to)
-        sender = Sender(source, config)
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
+    from migrated import log as logsetup
 
-                async def on_signal():
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for _ in signals:
-                            scope.cancel()
+    try:
+        address = parse_address(args.to)
+    except ValueError as exc:
+        raise UsageError(f"--to: {exc}") from None
+    config = _send_config(args)
+    source = make_source(args)
+    logsetup.configure(args.log_format, args.log_level)
+    return trio.run(_send_main, args, config, source, address)
 
-                nursery.start_soon(on_signal)
-                try:
-                    await trio.to_thread.run_sync(source.open)
-                    try:
-                        with trio.fail_after(args.timeout):
-                            stream = await trio.open_tcp_stream(host, port)
-                    except trio.TooSlowError:
-                        raise NetworkError(f"cannot connect to the receiver at {args.to}: timed out") from None
-                    except OSError as exc:
-                        why = exc.strerror or str(exc)
-                        raise NetworkError(f"cannot connect to the receiver at {args.to}: {why}") from None
-                    async with stream:
-                        try:
-                            summary = await sender.run(stream)
-                        finally:
-                            if scope.cancel_called:
-                                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                                    try:
-                                        await stream.send_all(
-                                            sender.conn.frame(Failure("cancelled", "the sender was cancelled"))
-                                        )
-                                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                        pass
-                    report(summary, None)
-                    return EXIT_OK
-                except MigrationError as exc:
-                    if sender.error is None:  # failed before the migration started
-                        sender.status = "failed"
-                        sender.error = {"side": error_side(exc, "sender", "receiver"), "code": exc.code, "message": str(exc)}
-                    report(sender.summary(), exc)
-                    return EXIT_FAILED
-                except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout
-                    structlog.get_logger("migrated.cli").exception("fail_migration", code="internal")
-                    sender.status = "failed"
-                    sender.error = {"side": "sender", "code": "internal", "message": repr(exc)}
-                    report(sender.summary(), exc)
-                    return EXIT_FAILED
-                finally:
-                    nursery.cancel_scope.cancel()
-                    source.close()
-        # only a signal gets here
-        assert scope.cancelled_caught
-        exc = MigrationCancelled("cancelled by a signal; the source was resumed")
-        sender.status = "cancelled"
-        sender.error = {"side": "sender", "code": exc.code, "message": str(exc)}
-        report(sender.summary(), exc)
-        return EXIT_CANCELLED
 
-    return trio.run(main)
+async def _send_main(args: argparse.Namespace, config, source, address: tuple[str, int]) -> int:
+    """One migration, with SIGINT/SIGTERM cancelling it; reports and returns
+    the exit status. The source is closed on every path."""
+    import structlog
+    import trio
+
+    from migrated.errors import MigrationCancelled, MigrationError
+    from migrated.sender import Sender
+
+    structlog.contextvars.bind_contextvars(migration=config.name, peer=args.to)
+    sender = Sender(source, config)
+    status, failure = EXIT_OK, None
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, scope)
+            try:
+                await _migrate(sender, source, address, args.to, config.timeout)
+            except MigrationError as exc:
+                status, failure = EXIT_FAILED, exc
+            except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout
+                structlog.get_logger("migrated.cli").exception("fail_migration", code="internal")
+                status, failure = EXIT_FAILED, exc
+            finally:
+                nursery.cancel_scope.cancel()
+                source.close()
+    if scope.cancelled_caught:
+        status, failure = EXIT_CANCELLED, MigrationCancelled("cancelled by a signal; the source was resumed")
+    if failure is not None and sender.error is None:  # failed or cancelled before the migration started
+        sender.fail(failure if isinstance(failure, MigrationError) else MigrationError(repr(failure)))  # internal
+    _report(args, sender, failure)
+    return status
+
+
+async def _cancel_on_signal(scope) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+
+
+async def _migrate(sender, source, address: tuple[str, int], to: str, timeout: float) -> None:
+    import trio
+
+    from migrated.errors import NetworkError
+
+    await trio.to_thread.run_sync(source.open)
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(*address)
+    except trio.TooSlowError:
+        raise NetworkError(f"cannot connect to the receiver at {to}: timed out") from None
+    except OSError as exc:
+        raise NetworkError(f"cannot connect to the receiver at {to}: {exc.strerror or exc}") from None
+    async with stream:
+        await sender.run(stream)
+
+
+def _report(args: argparse.Namespace, sender, failure: BaseException | None) -> None:
+    """The summary on stdout; on failure, the one-line reason on stderr."""
+    from migrated.report import format_summary, summary
+
+    s = summary(sender)
+    print(json.dumps(s) if args.json else format_summary(s))
+    if failure is not None:
+        e = s["error"]
+        print(f"migrated: send {s['status']} ({e['side']}): {e['code']}: {failure}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------

@@ -280,12 +280,15 @@ class Connection:
                 return frame_control(Control.ERROR, {"code": event.code, "message": event.message})
         raise TypeError(f"not a protocol event: {event!r}")
 
-    def preamble(self) -> bytes:
-        """The preamble alone (a side that fails before its first event still sends it)."""
-        if self._preamble_sent:
-            return b""
-        self._preamble_sent = True
-        return PREAMBLE
+    def farewell(self, failure: Failure) -> bytes:
+        """The last-gasp ERROR for ``failure``, with the preamble if it was
+        not sent yet (a side that fails before its first event). No state
+        change: it is sent whatever the state, and the connection then closes."""
+        out = self.frame(failure)
+        if not self._preamble_sent:
+            self._preamble_sent = True
+            out = PREAMBLE + out
+        return out
 
     # -- receiving -------------------------------------------------------
 

@@ -39,6 +39,7 @@ from migrated.protocol import (
 )
 from migrated.records import Applier
 from migrated.store import ImageStore, Staging, storage_error
+from migrated.streams import receive_into, send_last_gasp
 
 log = structlog.get_logger("migrated.receiver")
 
@@ -305,13 +306,10 @@ class _Session:
 
     async def fail(self, failure: Failure | None) -> None:
         """Tell the sender (best effort) and drop the staging image."""
-        with trio.CancelScope(shield=True):
+        try:
             if failure is not None:
-                with trio.move_on_after(2):
-                    try:
-                        await self.stream.send_all(self.conn.preamble() + self.conn.frame(failure))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
+                await send_last_gasp(self.stream, self.conn.farewell(failure))
+        finally:
             self.release()
 
     def release(self) -> None:
@@ -322,20 +320,6 @@ class _Session:
         if self.name is not None:
             self.receiver.busy.discard(self.name)
             self.name = None
-
-
-async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
-    """Receive at most ``len(view)`` bytes into ``view``; 0 at the end of
-    the stream. A TCP stream receives in place (no new buffer per call);
-    other streams (TLS, in-memory) copy from ``receive_some``."""
-    if isinstance(stream, trio.SocketStream):
-        try:
-            return await stream.socket.recv_into(view)
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
-    data = await stream.receive_some(len(view))
-    view[: len(data)] = data
-    return len(data)
 
 
 def _ms(seconds: float) -> float:

@@ -56,7 +56,7 @@ async def test_downtime_estimate_includes_the_receivers_flush(tmp_path):
     pages cost it; the sender's estimate of the downtime adds that cost for
     the pages the final pass would send."""
     from migrated.records import BatchStats
-    from migrated.sender import PassReport
+    from migrated.policy import PassReport
 
     src = tmp_path / "src.img"
     make_image(src, 16 * MiB)
@@ -68,10 +68,11 @@ async def test_downtime_estimate_includes_the_receivers_flush(tmp_path):
                 rx.port, SnapshotSource(str(src), pause_pid=w.pid), name="est", downtime_limit=0.001, max_iterations=8
             )
     assert summary["status"] == "completed" and summary["iterations"] == 9
-    assert 0 < sender.commit_page_seconds < 0.01
+    estimate = sender.estimate
+    assert 0 < estimate.commit_page_seconds < 0.01
     last = PassReport(1, wire_bytes=1000, seconds=0.1, stats=BatchStats(xbzrle_pages=100))
-    sender.scan_seconds, sender.bandwidth = 0.002, 1e6
-    assert sender._estimate(100, last) == pytest.approx(0.002 + 100 * (10 / 1e6 + sender.commit_page_seconds))
+    estimate.scan_seconds, estimate.bandwidth = 0.002, 1e6
+    assert estimate.seconds(100, last) == pytest.approx(0.002 + 100 * (10 / 1e6 + estimate.commit_page_seconds))
 
 
 async def test_zero_pages_go_as_one_byte_records(tmp_path):

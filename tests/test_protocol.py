@@ -158,7 +158,7 @@ def test_out_of_order_events_are_refused_both_ways():
         assert not isinstance(info.value, RemoteProtocolError)
         assert error_side(info.value, "sender", "receiver") == "sender"
     r = Connection(Role.RECEIVER)
-    wire = Connection(Role.SENDER).preamble() + Connection.frame(Complete("x"))
+    wire = PREAMBLE + Connection.frame(Complete("x"))
     with pytest.raises(RemoteProtocolError, match="Complete from the sender is not allowed") as info:
         events(r, wire)
     assert not isinstance(info.value, LocalProtocolError)
@@ -186,7 +186,7 @@ def test_preamble_checks():
 def test_error_from_the_peer_is_raised_with_its_code():
     s = Connection(Role.SENDER)
     s.send(Hello("vm", 4096))
-    wire = Connection(Role.RECEIVER).preamble() + Connection.frame(Failure("busy", "name in use"))
+    wire = Connection(Role.RECEIVER).farewell(Failure("busy", "name in use"))
     with pytest.raises(PeerError, match="name in use") as info:
         events(s, wire)
     assert info.value.code == "busy" and s.state is State.FAILED

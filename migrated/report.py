@@ -1,0 +1,118 @@
+"""What a migration reports: its status, the summary (the fields of QEMU's
+``info migrate``) and the summary as ``migrated send`` prints it.
+
+The summary is built from a ``Sender``'s state at any point, during or
+after the migration; nothing here changes that state.
+"""
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from migrated.units import format_size
+
+if TYPE_CHECKING:
+    from migrated.sender import Sender
+
+__all__ = ["Status", "format_summary", "summary"]
+
+
+class Status(enum.StrEnum):
+    SETUP = "setup"  # connecting, handshake
+    ACTIVE = "active"  # passes running
+    COMPLETED = "completed"  # committed and verified
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 1) if seconds is not None else None
+
+
+def summary(s: Sender) -> dict[str, Any]:
+    """The summary of ``s`` as of now (JSON-ready)."""
+    t = s.totals
+    page_size = s.config.page_size
+    end = s.finished if s.finished is not None else s.now()
+    seconds = max(end - s.started, 1e-9)
+    out: dict[str, Any] = {
+        "status": str(s.status),
+        "converged": s.converged,
+        "iterations": len(s.passes),
+        "total_time_ms": _ms(end - s.started),
+        "setup_time_ms": _ms(s.setup_seconds),
+        "downtime_ms": _ms(s.downtime),
+        "expected_downtime_ms": _ms(s.expected_downtime),
+        "ram": {
+            "total_bytes": sum(b.info.length for b in s.blocks),
+            "transferred_bytes": s.transferred,
+            "remaining_bytes": 0 if s.status is Status.COMPLETED else s.remaining_pages * page_size,
+            "zero_pages": t.zero_pages,
+            "normal_pages": t.normal_pages,
+            "normal_bytes": t.normal_bytes,
+            "dirty_pages_rate": round(s.dirty_rate, 1),
+            "mbps": round(s.transferred * 8 / seconds / 1e6, 2),
+        },
+        "xbzrle": {
+            "enabled": s.xbzrle.negotiated,
+            "negotiated": s.xbzrle.negotiated,
+            "offered": s.config.xbzrle,
+            "cache_size": s.config.cache_size if s.xbzrle.negotiated else 0,
+            "bytes": t.xbzrle_bytes,
+            "pages": t.xbzrle_pages,
+            "cache_miss": t.cache_miss,
+            "cache_miss_rate": round(t.cache_miss / t.cache_lookups, 4) if t.cache_lookups else 0.0,
+            "encoding_rate": round(t.xbzrle_pages * page_size / t.xbzrle_bytes, 2) if t.xbzrle_bytes else 0.0,
+            "overflow": t.overflow,
+            "passes_off": sum(1 for r in s.passes if s.xbzrle.negotiated and not r.xbzrle),
+        },
+        "passes": [
+            {
+                "pass": r.number,
+                "pages": r.pages,
+                "wire_bytes": r.wire_bytes,
+                "seconds": round(r.seconds, 4),
+                "xbzrle": r.xbzrle,
+                "xbzrle_pages": r.stats.xbzrle_pages,
+            }
+            for r in s.passes
+        ],
+        "digest": s.digest,
+        "verified": s.verified,
+        "image": s.committed_path,
+        "source": s.source.description,
+        "dirty_tracking": s.source.tracking,
+        "source_info": s.source.info(),
+    }
+    if s.error:
+        out["error"] = s.error
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human summary printed by ``migrated send``."""
+    ram, xb = s["ram"], s["xbzrle"]
+    downtime = s["downtime_ms"] if s["downtime_ms"] is not None else "-"
+    lines = [
+        f"status:             {s['status']}" + (" (digest verified by the receiver)" if s["verified"] else ""),
+        f"converged:          {'yes' if s['converged'] else 'no'} after {s['iterations']} passes",
+        f"total time:         {s['total_time_ms'] / 1000:.2f} s (setup {s['setup_time_ms']:.0f} ms)",
+        f"downtime:           {downtime} ms from freeze to commit (estimated at {s['expected_downtime_ms']} ms)",
+        f"image:              {format_size(ram['total_bytes'])} from {s['source']}",
+        f"transferred:        {format_size(ram['transferred_bytes'])} at {ram['mbps']} Mbit/s",
+        f"pages:              {ram['normal_pages']} raw, {ram['zero_pages']} zero, {xb['pages']} xbzrle",
+    ]
+    if xb["enabled"]:
+        lines.append(
+            f"xbzrle:             {format_size(xb['bytes'])} of deltas, encoding rate {xb['encoding_rate']}, "
+            f"cache miss rate {xb['cache_miss_rate']:.1%}, {xb['overflow']} overflows, off for {xb['passes_off']} passes"
+        )
+    else:
+        why = "disabled on the sender" if not xb["offered"] else "negotiated off by the receiver"
+        lines.append(f"xbzrle:             off ({why})")
+    if s.get("image"):
+        lines.append(f"committed at:       {s['image']}")
+    if s.get("error"):
+        e = s["error"]
+        lines.append(f"error:              {e['side']}: {e['code']}: {e['message']}")
+    return "\n".join(lines)

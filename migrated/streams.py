@@ -1,0 +1,32 @@
+"""trio stream helpers both daemons use: receiving into a reused buffer, and
+the last-gasp ERROR a failing side sends before it closes."""
+from __future__ import annotations
+
+import trio
+
+LAST_GASP_SECONDS = 2.0
+
+
+async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
+    """Receive at most ``len(view)`` bytes into ``view``; 0 at the end of
+    the stream. A TCP stream receives in place (no new buffer per call);
+    other streams (TLS, in-memory) copy from ``receive_some``."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return await stream.socket.recv_into(view)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+    data = await stream.receive_some(len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+async def send_last_gasp(stream: trio.abc.Stream, data: bytes) -> None:
+    """Tell the peer why this side is failing (``data`` is an ERROR record,
+    from ``Connection.farewell``), best effort: shielded from cancellation,
+    bounded in time, and silent when the connection is already gone."""
+    with trio.CancelScope(shield=True), trio.move_on_after(LAST_GASP_SECONDS):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass
