@@ -1,22 +1,15 @@
 """The sender's LRU cache of last-sent pages (implemented in the extension).
 
 ``PageCache(capacity_bytes, page_size=4096)`` holds copies of pages keyed by
-``page_key(block_index, page_number)``. Page data lives in one slab
-allocated up front; zero pages are remembered by their fill byte alone.
-``resize()`` keeps the most recently used pages that fit.
+``page_key(block_index, page_number)``: the block index in the high bits,
+the page number in the low ``KEY_PAGE_BITS`` (the layout is defined once, in
+the extension, which builds the same keys in its batch encoder). Page data
+lives in one slab allocated up front; zero pages are remembered by their
+fill byte alone. ``resize()`` keeps the most recently used pages that fit.
 """
+
 from __future__ import annotations
 
-from migrated._core import PageCache
+from migrated._core import KEY_BLOCK_LIMIT, KEY_PAGE_BITS, KEY_PAGE_LIMIT, PageCache, page_key
 
-__all__ = ["PageCache", "page_key", "MAX_BLOCKS", "MAX_PAGES_PER_BLOCK"]
-
-MAX_BLOCKS = 1 << 24
-MAX_PAGES_PER_BLOCK = 1 << 40
-
-
-def page_key(block_index: int, page_number: int) -> int:
-    """Pack a block index and a page number into a cache key."""
-    if not 0 <= block_index < MAX_BLOCKS or not 0 <= page_number < MAX_PAGES_PER_BLOCK:
-        raise ValueError("block index or page number out of range")
-    return (block_index << 40) | page_number
+__all__ = ["KEY_BLOCK_LIMIT", "KEY_PAGE_BITS", "KEY_PAGE_LIMIT", "PageCache", "page_key"]

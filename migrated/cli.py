@@ -5,6 +5,7 @@ image and confirmed its digest), 1 the migration or daemon failed (the last
 line on stderr says which side and why), 2 usage error, 3 cancelled by a
 signal (the source was resumed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,8 @@ def _receive(args: argparse.Namespace) -> int:
     import trio
 
     from migrated import log as logsetup
-    from migrated.receiver import Receiver, ReceiverConfig
     from migrated.errors import StoreError
+    from migrated.receiver import Receiver, ReceiverConfig
 
     try:
         host, port = parse_address(args.listen)
@@ -60,9 +61,7 @@ def _receive(args: argparse.Namespace) -> int:
         raise UsageError(f"--listen: {exc}") from None
     logsetup.configure(args.log_format, args.log_level)
     try:
-        receiver = Receiver(
-            ReceiverConfig(args.dir, not args.no_xbzrle, args.idle_timeout, args.shutdown_grace)
-        )
+        receiver = Receiver(ReceiverConfig(args.dir, not args.no_xbzrle, args.idle_timeout, args.shutdown_grace))
     except StoreError as exc:
         print(f"migrated: receive failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -177,12 +176,14 @@ async def _send_main(args: argparse.Namespace, config, source, address: tuple[st
 
     structlog.contextvars.bind_contextvars(migration=config.name, peer=args.to)
     sender = Sender(source, config)
-    status, failure = EXIT_OK, None
+    status = EXIT_OK
+    failure: BaseException | None = None  # what the operator is told of
+
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, scope)
             try:
-                await _migrate(sender, source, address, args.to, config.timeout)
+                await _migrate(sender, source, address, args.to)
             except MigrationError as exc:
                 status, failure = EXIT_FAILED, exc
             except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout
@@ -207,14 +208,14 @@ async def _cancel_on_signal(scope) -> None:
             scope.cancel()
 
 
-async def _migrate(sender, source, address: tuple[str, int], to: str, timeout: float) -> None:
+async def _migrate(sender, source, address: tuple[str, int], to: str) -> None:
     import trio
 
     from migrated.errors import NetworkError
 
     await trio.to_thread.run_sync(source.open)
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(sender.config.timeout):
             stream = await trio.open_tcp_stream(*address)
     except trio.TooSlowError:
         raise NetworkError(f"cannot connect to the receiver at {to}: timed out") from None
@@ -259,8 +260,12 @@ running migrations --shutdown-grace to finish; a second signal aborts them."""
 def _log_args(p: argparse.ArgumentParser) -> None:
     from migrated.log import FORMATS
 
-    p.add_argument("--log-format", choices=FORMATS, default="auto",
-                   help="console lines on a TTY, JSON lines otherwise (default auto)")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="auto",
+        help="console lines on a TTY, JSON lines otherwise (default auto)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -283,28 +288,69 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SEND_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--source", required=True, metavar="file:PATH|pid:PID",
-                   help="a file image (with --pause-pid for its writer) or a live process")
+    s.add_argument(
+        "--source",
+        required=True,
+        metavar="file:PATH|pid:PID",
+        help="a file image (with --pause-pid for its writer) or a live process",
+    )
     s.add_argument("--to", required=True, metavar="HOST:PORT", help="address of `migrated receive`")
     s.add_argument("--name", required=True, help="image name on the receiver (letters, digits, . _ -)")
-    s.add_argument("--cache-size", type=size_arg, default=64 << 20, metavar="SIZE",
-                   help="XBZRLE cache of last-sent pages, K/M/G suffixes (default 64M)")
-    s.add_argument("--max-bandwidth", type=size_arg, default=None, metavar="RATE",
-                   help="cap on bytes per second written to the socket, K/M/G suffixes (default unlimited)")
-    s.add_argument("--downtime-limit", type=duration_arg, default=0.3, metavar="DURATION",
-                   help="longest acceptable final pass with the source frozen, ms or s (default 300ms)")
-    s.add_argument("--max-iterations", type=int, default=30, metavar="N",
-                   help="passes before the final pass is forced; then converged is false (default 30)")
+    s.add_argument(
+        "--cache-size",
+        type=size_arg,
+        default=64 << 20,
+        metavar="SIZE",
+        help="XBZRLE cache of last-sent pages, K/M/G suffixes (default 64M)",
+    )
+    s.add_argument(
+        "--max-bandwidth",
+        type=size_arg,
+        default=None,
+        metavar="RATE",
+        help="cap on bytes per second written to the socket, K/M/G suffixes (default unlimited)",
+    )
+    s.add_argument(
+        "--downtime-limit",
+        type=duration_arg,
+        default=0.3,
+        metavar="DURATION",
+        help="longest acceptable final pass with the source frozen, ms or s (default 300ms)",
+    )
+    s.add_argument(
+        "--max-iterations",
+        type=int,
+        default=30,
+        metavar="N",
+        help="passes before the final pass is forced; then converged is false (default 30)",
+    )
     s.add_argument("--no-xbzrle", action="store_true", help="send whole pages only")
-    s.add_argument("--pause-pid", type=int, metavar="PID",
-                   help="file source: the writer process, SIGSTOPped for the final pass and resumed after")
-    s.add_argument("--dirty-tracking", choices=("auto", "soft-dirty", "scan"), default="auto",
-                   help="pid source: kernel soft-dirty bits or a page hash scan (auto probes the kernel)")
-    s.add_argument("--after", choices=("stop", "kill", "resume"), default="stop",
-                   help="pid source: what happens to the process once the image is committed (default stop: "
-                   "left SIGSTOPped, since its memory now lives at the destination)")
-    s.add_argument("--timeout", type=duration_arg, default=60.0, metavar="DURATION",
-                   help="longest wait to connect and for each answer from the receiver (default 60s)")
+    s.add_argument(
+        "--pause-pid",
+        type=int,
+        metavar="PID",
+        help="file source: the writer process, SIGSTOPped for the final pass and resumed after",
+    )
+    s.add_argument(
+        "--dirty-tracking",
+        choices=("auto", "soft-dirty", "scan"),
+        default="auto",
+        help="pid source: kernel soft-dirty bits or a page hash scan (auto probes the kernel)",
+    )
+    s.add_argument(
+        "--after",
+        choices=("stop", "kill", "resume"),
+        default="stop",
+        help="pid source: what happens to the process once the image is committed (default stop: "
+        "left SIGSTOPped, since its memory now lives at the destination)",
+    )
+    s.add_argument(
+        "--timeout",
+        type=duration_arg,
+        default=60.0,
+        metavar="DURATION",
+        help="longest wait to connect and for each answer from the receiver (default 60s)",
+    )
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     _log_args(s)
     s.set_defaults(func=_send)
@@ -319,10 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any free)")
     r.add_argument("--dir", required=True, help="image directory (created if missing)")
     r.add_argument("--no-xbzrle", action="store_true", help="accept whole pages only")
-    r.add_argument("--idle-timeout", type=duration_arg, default=60.0, metavar="DURATION",
-                   help="fail a migration whose sender sends nothing for this long (default 60s)")
-    r.add_argument("--shutdown-grace", type=duration_arg, default=30.0, metavar="DURATION",
-                   help="on SIGTERM, time running migrations get to finish (default 30s)")
+    r.add_argument(
+        "--idle-timeout",
+        type=duration_arg,
+        default=60.0,
+        metavar="DURATION",
+        help="fail a migration whose sender sends nothing for this long (default 60s)",
+    )
+    r.add_argument(
+        "--shutdown-grace",
+        type=duration_arg,
+        default=30.0,
+        metavar="DURATION",
+        help="on SIGTERM, time running migrations get to finish (default 30s)",
+    )
     _log_args(r)
     r.set_defaults(func=_receive)
 
@@ -336,8 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     b.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    b.add_argument("--size", type=int, default=64, metavar="MIB", help="core working set per buffer in MiB (default 64)")
-    b.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions, best is kept (default 3; at least 5 end to end)")
+    b.add_argument(
+        "--size", type=int, default=64, metavar="MIB", help="core working set per buffer in MiB (default 64)"
+    )
+    b.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        metavar="N",
+        help="repetitions, best is kept (default 3; at least 5 end to end)",
+    )
     b.add_argument("--parts", default="core,e2e,experiment", help="comma-separated parts to run (default all)")
     b.set_defaults(func=_bench)
     return parser

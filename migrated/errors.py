@@ -18,6 +18,7 @@ parsing bytes, so they are ``ValueError``s too.
 ``CODES`` is the table of codes, one line each; docs/format.md mirrors it and
 a test keeps the two equal.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -11,6 +11,7 @@ tracee by itself, so a seized process is never left frozen by a crash.
 All ptrace requests must come from the thread that seized: call these from
 one thread (the sender's main thread).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -70,9 +71,9 @@ def permission_message(pid: int, what: str) -> str:
         )
     scope = yama_scope()
     if scope and scope >= 1 and me != 0:
+        rule = {1: "only a parent may trace", 2: "only CAP_SYS_PTRACE may trace"}.get(scope, "tracing is disabled")
         return (
-            f"permission denied to {what} process {pid}: Yama ptrace_scope is {scope} "
-            f"({'only a parent may trace' if scope == 1 else 'only CAP_SYS_PTRACE may trace' if scope == 2 else 'tracing is disabled'}); "
+            f"permission denied to {what} process {pid}: Yama ptrace_scope is {scope} ({rule}); "
             "run the sender as root or with CAP_SYS_PTRACE, or set kernel.yama.ptrace_scope=0"
         )
     return (
@@ -82,6 +83,11 @@ def permission_message(pid: int, what: str) -> str:
 
 
 class Freezer:
+    """Stops every thread of a process for the final pass and lets it go
+    after: PTRACE_SEIZE and PTRACE_INTERRUPT on each thread (undone by the
+    kernel if the sender dies), with SIGSTOP as the fallback when ptrace is
+    refused. Never leaves a thread it seized in a tracing stop."""
+
     def __init__(self, pid: int):
         self.pid = pid
         self.seized: list[int] = []
@@ -184,7 +190,7 @@ class Freezer:
             deadline = time.monotonic() + 5
             while process_state(self.pid) not in ("T", None, "Z") and time.monotonic() < deadline:
                 time.sleep(0.001)
-        if self.method == "sigstop" and after == "resume":
+        if self.method == "sigstop" and after == "resume" and self.pauser is not None:
             self.pauser.resume()
         log.info("release_process", pid=self.pid, after=after)
         self.method = None

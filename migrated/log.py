@@ -6,6 +6,7 @@ sender's summary). Context such as the migration name and the peer is bound
 with ``structlog.contextvars.bind_contextvars`` and rides on every line;
 each trio task carries its own copy.
 """
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ ends can agree on an image without sending it twice.
 The loops run in the extension with the GIL released; this module names
 them and holds the digest, which loops over blocks, not pages.
 """
+
 from __future__ import annotations
 
 import hashlib

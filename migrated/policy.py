@@ -10,6 +10,7 @@ measured and answers one question:
 Later policy (auto-converge throttling, stall detection, a self-sizing
 cache) belongs here too, next to what it reads.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

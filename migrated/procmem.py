@@ -13,6 +13,7 @@ soft-dirty since the last pass; otherwise every present page is read and the
 hash scan finds what changed. The final pass, with the process frozen,
 always reads every present page, so the committed image is exact either way.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 import structlog
 
 from migrated import _core, pages
+from migrated.errors import ProcessGone, SourceError
 from migrated.freeze import Freezer, permission_message
 from migrated.records import BlockInfo
-from migrated.errors import ProcessGone, SourceError
 from migrated.source import Block, Source
 
 log = structlog.get_logger("migrated.procmem")
@@ -39,9 +40,7 @@ PM_SWAPPED = 1 << 62
 PM_SOFT_DIRTY = 1 << 55
 IOV_MAX = 1024
 SKIPPED_NAMES = {"[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]", "[uprobes]"}
-_MAPS_LINE = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+) ([r-][w-][x-][ps]) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$"
-)
+_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ([r-][w-][x-][ps]) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -184,6 +183,14 @@ class _Buffer:
 
 
 class ProcessSource(Source):
+    """A live process as a source: one block per private writable mapping
+    (the rest is left out, each with its reason, in ``info()``). Each pass
+    reads the present pages into a private buffer per block with
+    process_vm_readv (or /proc/PID/mem), and the sender scans those buffers;
+    soft-dirty bits narrow the reads where the kernel has them. The final pass
+    reads every present page with the process frozen (``Freezer``), and
+    ``after`` says what becomes of it once the image is committed."""
+
     def __init__(self, pid: int, tracking: str = "auto", after: str = "stop", page_size: int = 4096):
         if page_size != PAGE:
             raise SourceError(f"a process source uses the machine's page size ({PAGE}), not {page_size}")
@@ -220,8 +227,9 @@ class ProcessSource(Source):
         if self.requested_tracking == "soft-dirty" and not supported:
             raise SourceError(f"--dirty-tracking soft-dirty: {why}; use --dirty-tracking scan (or auto)")
         self.tracking = "soft-dirty" if supported and self.requested_tracking != "scan" else "scan"
-        log.info("choose_dirty_tracking", pid=self.pid, tracking=self.tracking, reason=why,
-                 requested=self.requested_tracking)
+        log.info(
+            "choose_dirty_tracking", pid=self.pid, tracking=self.tracking, reason=why, requested=self.requested_tracking
+        )
 
     # -- each pass -------------------------------------------------------
 
@@ -233,8 +241,12 @@ class ProcessSource(Source):
             reasons: dict[str, int] = {}
             for item in new:
                 reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
-            log.info("leave_out_mappings", pid=self.pid, by_reason=reasons,
-                     kernel_and_device=[i["path"] for i in new if i["reason"] in ("kernel page", "device memory")])
+            log.info(
+                "leave_out_mappings",
+                pid=self.pid,
+                by_reason=reasons,
+                kernel_and_device=[i["path"] for i in new if i["reason"] in ("kernel page", "device memory")],
+            )
             self.left_out = left_out
         soft = self.tracking == "soft-dirty" and not self.frozen
         blocks = []
@@ -290,9 +302,7 @@ class ProcessSource(Source):
         for b in range(0, nruns, IOV_MAX):
             k = min(IOV_MAX, nruns - b)
             total = sum(local[2 * b + 1 : 2 * (b + k) : 2])
-            got = _libc.process_vm_readv(
-                self.pid, _iov(lp + 16 * b), k, _iov(rp + 16 * b), k, 0
-            )
+            got = _libc.process_vm_readv(self.pid, _iov(lp + 16 * b), k, _iov(rp + 16 * b), k, 0)
             if got == total:
                 continue
             if got < 0:

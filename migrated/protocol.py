@@ -24,6 +24,7 @@ protocol version), then records (docs/format.md):
 Either side may send ERROR at any point; the connection is then closed.
 Which event may come in which state is the one table ``_TRANSITIONS``.
 """
+
 from __future__ import annotations
 
 import struct
@@ -35,7 +36,6 @@ from migrated import _core
 from migrated.errors import LocalProtocolError, PeerError, RemoteProtocolError, VersionError
 from migrated.records import (
     AT_CONTROL,
-    NEED_DATA as NEED_DATA_REASON,
     BlockInfo,
     Control,
     Flag,
@@ -44,13 +44,16 @@ from migrated.records import (
     frame_mem_size,
     parse_record,
 )
+from migrated.records import (
+    NEED_DATA as NEED_DATA_REASON,
+)
 
 MAGIC = b"MIGRATED"
 VERSION = 1
 _PREAMBLE = struct.Struct(">8sI")
 PREAMBLE = _PREAMBLE.pack(MAGIC, VERSION)
 # longest page record: header, block id, XBZRLE header, a 16 KiB page
-_MAX_PAGE_RECORD = 8 + 1 + 255 + 3 + 16384
+_MAX_PAGE_RECORD = 8 + 1 + _core.MAX_BLOCK_ID_LENGTH + 3 + _core.MAX_PAGE_SIZE
 
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
@@ -203,22 +206,23 @@ def _next_state(origin: Role, state: State, event: object) -> State:
         return _TRANSITIONS[(origin, state, type(event))]
     except KeyError:
         who = "sender" if origin is Role.SENDER else "receiver"
-        raise LocalProtocolError(f"{type(event).__name__} from the {who} is not allowed in state {state.name}") from None
+        raise LocalProtocolError(
+            f"{type(event).__name__} from the {who} is not allowed in state {state.name}"
+        ) from None
 
 
 class Connection:
     """One end of a migration. ``role`` is the side this object speaks for."""
 
-    def __init__(self, role: Role, page_size: int = 4096):
+    def __init__(self, role: Role):
         self.role = role
         self.peer_role = Role.RECEIVER if role is Role.SENDER else Role.SENDER
         self.state = State.HANDSHAKE
-        self.page_size = page_size
         self.peer_version: int | None = None
         self.capabilities: tuple[str, ...] = ()
         self.received_bytes = 0  # bytes taken from the peer, preamble included
         self._buf = bytearray()  # unconsumed bytes before _chunk[_pos:]
-        self._chunk: bytes | None = None
+        self._chunk: bytes | bytearray | memoryview | None = None
         self._pos = 0
         self._preamble_sent = False
         self._sink: PageSink | None = None
@@ -232,9 +236,7 @@ class Connection:
         if isinstance(event, Hello):
             check_page_size(event.page_size)
         out = self.frame(event)
-        if isinstance(event, Hello):
-            self.page_size = event.page_size
-        elif isinstance(event, Welcome):
+        if isinstance(event, Welcome):
             self.capabilities = tuple(event.capabilities)
         if not self._preamble_sent:
             self._preamble_sent = True
@@ -302,7 +304,7 @@ class Connection:
         sink.allow_xbzrle = CAP_XBZRLE in self.capabilities
         self._sink = sink
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes from the peer. The latest chunk is kept as it is (not
         copied into the buffer) so page records can be applied from it."""
         self._merge()
@@ -324,6 +326,7 @@ class Connection:
         (``_buf`` then ``_chunk[_pos:]``). A record cut by a chunk boundary is
         completed in ``_buf`` with just enough of the next chunk; the rest of
         a chunk is applied where it lies."""
+        assert self._sink is not None  # called only once a sink is set
         apply = self._sink.apply
         if self._buf:
             old = len(self._buf)
@@ -395,9 +398,7 @@ class Connection:
                 self._sink.forget_current()
             event = self._event_from(rec)
             self.state = _next_state(self.peer_role, self.state, event)
-            if isinstance(event, Hello):
-                self.page_size = event.page_size
-            elif isinstance(event, Welcome):
+            if isinstance(event, Welcome):
                 self.capabilities = event.capabilities
             if isinstance(event, Failure):
                 raise PeerError(event.message, event.code)
@@ -471,10 +472,10 @@ def _hello(p: dict) -> Hello:
 
 def check_page_size(page_size: int) -> None:
     """Raise LocalProtocolError unless ``page_size`` is one the codec serves."""
-    if not 512 <= page_size <= _core.MAX_PAGE_SIZE or page_size & (page_size - 1):
-        raise LocalProtocolError(
-            f"page size {page_size} is not supported: a power of two from 512 to {_core.MAX_PAGE_SIZE} is"
-        )
+    try:
+        _core.check_page_size(page_size)
+    except ValueError as exc:
+        raise LocalProtocolError(f"page size {page_size} is not supported: {exc}") from None
 
 
 def negotiate(offered, allowed) -> tuple[str, ...]:

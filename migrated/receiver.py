@@ -5,6 +5,7 @@ page application are in ``protocol.Connection`` and the image directory in
 ``store``. Each connection is one migration, handled by ``Receiver.handle``
 on any ``trio.abc.Stream`` (TCP today, TLS later, memory streams in tests).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from migrated.protocol import (
 from migrated.records import Applier
 from migrated.store import ImageStore, Staging, storage_error
 from migrated.streams import receive_into, send_last_gasp
+from migrated.units import ms
 
 log = structlog.get_logger("migrated.receiver")
 
@@ -61,6 +63,11 @@ class ReceiverConfig:
 
 
 class Receiver:
+    """The receiving daemon: serves listeners, runs each connection as one
+    migration (``handle``, on any trio Stream) into the image store, and shuts
+    down in two phases (stop accepting, then a grace for running
+    migrations). A bad peer fails only its own migration."""
+
     def __init__(self, config: ReceiverConfig):
         self.config = config
         self.store = ImageStore(config.directory)
@@ -86,7 +93,7 @@ class Receiver:
                     )
                     log.info(
                         "listen",
-                        addresses=[_address(lst.socket.getsockname()) for lst in listeners],
+                        addresses=[_name(lst, "getsockname") for lst in listeners],
                         directory=str(self.store.root),
                         xbzrle=self.config.xbzrle,
                     )
@@ -113,12 +120,8 @@ class Receiver:
         except OSError as exc:  # the image is committed: tidying is best effort
             log.warning("tidy_image", error=str(exc))
 
-    async def _on_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = _address(stream.socket.getpeername())
-        except OSError:
-            peer = "?"
-        await self.handle(stream, peer)
+    async def _on_connection(self, stream: trio.abc.Stream) -> None:
+        await self.handle(stream, _name(stream, "getpeername"))
 
     async def handle(self, stream: trio.abc.Stream, peer: str) -> None:
         """One migration on ``stream``, from handshake to commit or failure.
@@ -175,7 +178,9 @@ class _Session:
         self.flushed = (0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds
 
     def progress(self) -> dict:
-        applied = {k: getattr(self.applier, k, 0) for k in ("zero_pages", "normal_pages", "xbzrle_pages", "xbzrle_bytes")}
+        applied = {
+            k: getattr(self.applier, k, 0) for k in ("zero_pages", "normal_pages", "xbzrle_pages", "xbzrle_bytes")
+        }
         return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **applied}
 
     async def send(self, event) -> None:
@@ -235,22 +240,23 @@ class _Session:
                 self.hello(hello)
                 caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
                 await self.send(Welcome(caps))
-                log.info("accept_migration", source=hello.source, page_size=hello.page_size,
-                         capabilities=list(caps))
+                log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
                 await self.receive_passes(background, chunks)
                 background.cancel_scope.cancel()
 
     async def receive_passes(self, background: trio.Nursery, chunks) -> None:
+        staging = self.staging
+        assert staging is not None  # hello() made it
         while True:
             event = await self.next_event(chunks)
             if isinstance(event, BlockList):
                 async with self.files:
-                    await trio.to_thread.run_sync(self.staging.set_blocks, event.blocks)
-                    self.conn.set_page_sink(self.staging.applier)
+                    await trio.to_thread.run_sync(staging.set_blocks, event.blocks)
+                    self.conn.set_page_sink(staging.applier)
                 log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
             elif isinstance(event, EndOfPass):
                 self.passes += 1
-                self.staging.end_of_fresh_blocks()
+                staging.end_of_fresh_blocks()
                 await self.send(Ack(event.pass_number, self.conn.received_bytes, *self.flushed))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
                 if not self.files.locked():
@@ -269,7 +275,7 @@ class _Session:
             if self.staging is not None:
                 started = trio.current_time()
                 pages = await trio.to_thread.run_sync(self.staging.write_back)
-                self.flushed = (pages, _ms(trio.current_time() - started))
+                self.flushed = (pages, ms(trio.current_time() - started))
 
     def hello(self, hello: Hello) -> None:
         name = hello.name
@@ -285,23 +291,31 @@ class _Session:
         """Verify and commit; the log line splits the time (part of the
         sender's downtime) into waiting for a write-back, the digest, and
         the durable commit."""
+        staging = self.staging
+        assert staging is not None  # hello() made it
         started = trio.current_time()
-        held = await trio.to_thread.run_sync(self.staging.digest)
+        held = await trio.to_thread.run_sync(staging.digest)
         verified = trio.current_time()
         if held != digest:
             raise DigestMismatch(
                 f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
                 "nothing was committed"
             )
-        staging = self.staging
         path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
         self.staging = None
         self.receiver.completed += 1
         await self.send(Committed(digest, str(path)))
         done = trio.current_time()
-        log.info("commit_image", path=str(path), digest=digest, seconds=round(done - self.started, 3),
-                 wait_ms=_ms(started - arrived), digest_ms=_ms(verified - started), sync_ms=_ms(done - verified),
-                 **self.progress())
+        log.info(
+            "commit_image",
+            path=str(path),
+            digest=digest,
+            seconds=round(done - self.started, 3),
+            wait_ms=ms(started - arrived),
+            digest_ms=ms(verified - started),
+            sync_ms=ms(done - verified),
+            **self.progress(),
+        )
         self.receiver.tidy_soon(staging)
 
     async def fail(self, failure: Failure | None) -> None:
@@ -322,10 +336,15 @@ class _Session:
             self.name = None
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
-def _address(sockaddr) -> str:
-    host, port = sockaddr[0], sockaddr[1]
+def _name(sock_owner, which: str) -> str:
+    """``host:port`` of a listener's or stream's socket (``which`` is
+    getsockname or getpeername); streams without a socket (in memory, in
+    tests) are named by their type."""
+    sock = getattr(sock_owner, "socket", None)
+    if sock is None:
+        return type(sock_owner).__name__
+    try:
+        host, port = getattr(sock, which)()[:2]
+    except OSError:
+        return "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -7,6 +7,7 @@ messages) are rare and are framed and parsed here in Python.
 Every record starts with a big-endian u64: a page-aligned offset in the
 high bits and flags in the low 9 bits (QEMU's flag values).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,17 +38,20 @@ __all__ = [
 
 
 class Flag(IntFlag):
-    ZERO = 0x02
-    MEM_SIZE = 0x04
-    PAGE = 0x08
-    EOS = 0x10
-    CONTINUE = 0x20
-    XBZRLE = 0x40
-    CONTROL = 0x80
+    """Record flags (QEMU's RAM_SAVE_FLAG values), as the extension defines them."""
+
+    ZERO = _core.FLAG_ZERO
+    MEM_SIZE = _core.FLAG_MEM_SIZE
+    PAGE = _core.FLAG_PAGE
+    EOS = _core.FLAG_EOS
+    CONTINUE = _core.FLAG_CONTINUE
+    XBZRLE = _core.FLAG_XBZRLE
+    CONTROL = _core.FLAG_CONTROL
 
 
-FLAG_MASK = 0x1FF
-ENCODING_XBZRLE = 0x01
+FLAG_MASK = _core.FLAG_MASK
+ENCODING_XBZRLE = _core.ENCODING_XBZRLE
+MAX_BLOCK_ID_LENGTH = _core.MAX_BLOCK_ID_LENGTH  # a block id is 1 to this many bytes
 MAX_CONTROL_PAYLOAD = 1 << 20
 MAX_BLOCKS = 65536
 MAX_BLOCK_INFO = 4096
@@ -177,7 +181,7 @@ class BlockInfo:
 
     @property
     def pages(self) -> int:
-        return (self.length + self.page_size - 1) // self.page_size
+        return _core.page_count(self.length, self.page_size)
 
 
 def frame_mem_size(blocks: list[BlockInfo]) -> bytes:
@@ -187,8 +191,8 @@ def frame_mem_size(blocks: list[BlockInfo]) -> bytes:
     for b in blocks:
         bid = b.id_bytes
         info = json.dumps(b.info, separators=(",", ":")).encode() if b.info else b""
-        if not 1 <= len(bid) <= 255:
-            raise ValueError(f"block id {b.id!r} must be 1 to 255 bytes")
+        if not 1 <= len(bid) <= MAX_BLOCK_ID_LENGTH:
+            raise ValueError(f"block id {b.id!r} must be 1 to {MAX_BLOCK_ID_LENGTH} bytes")
         if len(info) > MAX_BLOCK_INFO:
             raise ValueError(f"block info of {b.id!r} is too large")
         parts += [bytes([len(bid)]), bid, _BLOCK.pack(b.length, b.page_size, len(info)), info]
@@ -291,6 +295,23 @@ def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
             info = json.loads(bytes(mv[pos : pos + infolen])) if infolen else {}
         except ValueError:
             raise RecordError(f"block list at stream offset {offset}: block id or info is not valid", offset) from None
+        _check_block(bid, length, page_size, offset)
         pos += infolen
         blocks.append(BlockInfo(bid, length, page_size, info))
     return ParsedRecord(Flag.MEM_SIZE, pos, blocks=blocks)
+
+
+def _check_block(bid: str, length: int, page_size: int, offset: int) -> None:
+    """A block's numbers as the peer declared them, before anything uses
+    them: a page size the codec serves, and no more pages than a cache key
+    can number (which also keeps every byte offset below 2^63)."""
+    try:
+        _core.check_page_size(page_size)
+    except ValueError as exc:
+        raise RecordError(f"block list at stream offset {offset}: block {bid!r}: {exc}", offset) from None
+    if -(-length // page_size) > _core.KEY_PAGE_LIMIT:
+        raise RecordError(
+            f"block list at stream offset {offset}: block {bid!r} declares {length} bytes, "
+            f"more than {_core.KEY_PAGE_LIMIT} pages",
+            offset,
+        )

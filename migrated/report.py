@@ -4,12 +4,13 @@
 The summary is built from a ``Sender``'s state at any point, during or
 after the migration; nothing here changes that state.
 """
+
 from __future__ import annotations
 
 import enum
 from typing import TYPE_CHECKING, Any
 
-from migrated.units import format_size
+from migrated.units import format_size, ms
 
 if TYPE_CHECKING:
     from migrated.sender import Sender
@@ -25,10 +26,6 @@ class Status(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-def _ms(seconds: float | None) -> float | None:
-    return round(seconds * 1000, 1) if seconds is not None else None
-
-
 def summary(s: Sender) -> dict[str, Any]:
     """The summary of ``s`` as of now (JSON-ready)."""
     t = s.totals
@@ -39,10 +36,10 @@ def summary(s: Sender) -> dict[str, Any]:
         "status": str(s.status),
         "converged": s.converged,
         "iterations": len(s.passes),
-        "total_time_ms": _ms(end - s.started),
-        "setup_time_ms": _ms(s.setup_seconds),
-        "downtime_ms": _ms(s.downtime),
-        "expected_downtime_ms": _ms(s.expected_downtime),
+        "total_time_ms": ms(end - s.started),
+        "setup_time_ms": ms(s.setup_seconds),
+        "downtime_ms": ms(s.downtime),
+        "expected_downtime_ms": ms(s.expected_downtime),
         "ram": {
             "total_bytes": sum(b.info.length for b in s.blocks),
             "transferred_bytes": s.transferred,
@@ -105,7 +102,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if xb["enabled"]:
         lines.append(
             f"xbzrle:             {format_size(xb['bytes'])} of deltas, encoding rate {xb['encoding_rate']}, "
-            f"cache miss rate {xb['cache_miss_rate']:.1%}, {xb['overflow']} overflows, off for {xb['passes_off']} passes"
+            f"cache miss rate {xb['cache_miss_rate']:.1%}, {xb['overflow']} overflows, "
+            f"off for {xb['passes_off']} passes"
         )
     else:
         why = "disabled on the sender" if not xb["offered"] else "negotiated off by the receiver"

@@ -11,10 +11,13 @@ Scanning and encoding run in worker threads (the extension releases the
 GIL); a bounded channel (ENCODED_AHEAD batches) keeps the socket writer busy
 while the next batch is encoded, into a small ring of reused buffers.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -51,7 +54,8 @@ from migrated.protocol import (
 from migrated.records import BatchStats, BlockInfo, encode_batch
 from migrated.report import Status, summary
 from migrated.source import Block, Source
-from migrated.streams import send_last_gasp
+from migrated.streams import send_last_gasp, send_some, sends_exactly
+from migrated.units import ms
 
 log = structlog.get_logger("migrated.sender")
 
@@ -133,7 +137,7 @@ class Sender:
         self.source = source
         self.config = config
         self.cache = PageCache(config.cache_size if config.xbzrle else 0, config.page_size)
-        self.conn = Connection(Role.SENDER, config.page_size)
+        self.conn = Connection(Role.SENDER)
         self.status = Status.SETUP
         self.xbzrle = XbzrlePolicy(negotiated=False)
         self.estimate = DowntimeEstimate(config.page_size, config.max_bandwidth)
@@ -155,10 +159,12 @@ class Sender:
         self._acks: dict[int, float] = {}
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
+        self._unsent: memoryview | None = None  # the rest of a write in progress
+        self._torn = False  # a send_all was interrupted: the stream's framing is lost
         # encode buffers, reused: a fresh 4 MiB allocation per batch would
         # fault in new memory every time (one being encoded, ENCODED_AHEAD
         # waiting, one being sent)
-        capacity = records.encode_capacity(BATCH_PAGES, 255, config.page_size)
+        capacity = records.encode_capacity(BATCH_PAGES, records.MAX_BLOCK_ID_LENGTH, config.page_size)
         self._buffers = [bytearray(capacity) for _ in range(ENCODED_AHEAD + 2)]
 
     @staticmethod
@@ -178,25 +184,46 @@ class Sender:
     def committed_path(self) -> str:
         return self._committed.path if self._committed is not None else ""
 
-    def fail(self, exc: MigrationError) -> None:
-        """Record the failure for the summary."""
+    def fail(self, exc: MigrationError) -> dict:
+        """Record the failure for the summary; returns its ``error`` entry."""
         self.status = Status.CANCELLED if isinstance(exc, MigrationCancelled) else Status.FAILED
         self.error = {"side": error_side(exc, "sender", "receiver"), "code": exc.code, "message": str(exc)}
+        return self.error
 
     # -- wire ------------------------------------------------------------
 
     async def _write(self, stream: trio.abc.Stream, data) -> None:
+        """Write ``data``, in slices when rate-limited. Until it is all
+        written, ``_unsent`` holds what is left, so that a failure between
+        two slices can still complete the record stream before its ERROR."""
         mv = memoryview(data)
         step = WRITE_SLICE if self._bucket else len(mv) or 1
+        exact = sends_exactly(stream)
         for i in range(0, len(mv), step):
+            self._unsent = mv[i:]
             piece = mv[i : i + step]
             if self._bucket:
                 await trio.sleep(self._bucket.take(len(piece), trio.current_time()))
-            try:
-                await stream.send_all(piece)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise NetworkError(f"connection to the receiver lost while sending: {exc.__cause__ or exc}") from None
-            self.transferred += len(piece)
+            self._torn = not exact  # a stream that cannot say how much went loses its framing if interrupted
+            while piece:
+                try:
+                    n = await send_some(stream, piece)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    why = exc.__cause__ or exc
+                    raise NetworkError(f"connection to the receiver lost while sending: {why}") from None
+                piece, self._unsent = piece[n:], self._unsent[n:]
+                self.transferred += n
+            self._torn = False
+        self._unsent = None
+
+    async def _last_gasp(self, stream: trio.abc.Stream, failure: Failure) -> None:
+        """Tell the receiver why, after the rest of a write that was cut short
+        (a record half sent would swallow the ERROR). Nothing is sent when a
+        stream that cannot say how much went was interrupted mid-write: the
+        receiver could not parse anything more."""
+        if not self._torn:
+            rest = bytes(self._unsent) if self._unsent is not None else b""
+            await send_last_gasp(stream, rest + self.conn.farewell(failure))
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         """Read what the receiver sent into the protocol object."""
@@ -225,12 +252,10 @@ class Sender:
             if self._committed is not None:
                 return
 
-    async def _wait(self, done, what: str, timeout: float) -> None:
-        with trio.move_on_after(timeout) as scope:
-            while not done():
-                await self._ack_arrived.wait()
-        if scope.cancelled_caught:
-            raise NetworkError(f"no {what} from the receiver within {timeout:g} s")
+    async def _until(self, done) -> None:
+        """Wait until ``done()`` holds after an answer from the receiver."""
+        while not done():
+            await self._ack_arrived.wait()
 
     # -- migration -------------------------------------------------------
 
@@ -247,17 +272,23 @@ class Sender:
                     await self._migrate(stream)
                     nursery.cancel_scope.cancel()
             self.status = Status.COMPLETED
-            log.info("finish_migration", status=str(self.status), converged=self.converged, passes=len(self.passes),
-                     downtime_ms=round(self.downtime * 1000, 1), transferred_bytes=self.transferred)
+            log.info(
+                "finish_migration",
+                status=str(self.status),
+                converged=self.converged,
+                passes=len(self.passes),
+                downtime_ms=ms(self.downtime),
+                transferred_bytes=self.transferred,
+            )
         except MigrationError as exc:
-            self.fail(exc)
+            error = self.fail(exc)
             if not isinstance(exc, RemoteError):
-                await send_last_gasp(stream, self.conn.farewell(Failure(exc.code, str(exc))))
-            log.error("fail_migration", status=str(self.status), **self.error, passes=len(self.passes))
+                await self._last_gasp(stream, Failure(exc.code, str(exc)))
+            log.error("fail_migration", status=str(self.status), **error, passes=len(self.passes))
             raise
         except trio.Cancelled:
             self.fail(MigrationCancelled("cancelled by a signal; the source was resumed"))
-            await send_last_gasp(stream, self.conn.farewell(Failure("cancelled", "the sender was cancelled")))
+            await self._last_gasp(stream, Failure("cancelled", "the sender was cancelled"))
             raise
         finally:
             self.finished = trio.current_time()
@@ -267,11 +298,9 @@ class Sender:
         caps = CAPABILITIES if self.config.xbzrle else ()
         hello = Hello(self.config.name, self.config.page_size, caps, self.source.description)
         await self._write(stream, self.conn.send(hello))
-        with trio.move_on_after(self.config.timeout) as scope:
+        with answer_within("handshake answer", self.config.timeout):
             while (event := self.conn.next_event()) is NEED_DATA:
                 await self._receive(stream)
-        if scope.cancelled_caught:
-            raise NetworkError(f"no handshake answer from the receiver within {self.config.timeout:g} s")
         assert isinstance(event, Welcome)  # the state table admits nothing else
         self.xbzrle = XbzrlePolicy(negotiated=CAP_XBZRLE in event.capabilities)
         if not self.xbzrle.negotiated:
@@ -317,21 +346,25 @@ class Sender:
                 mbps=round(report.wire_bytes / max(report.seconds, 1e-9) / 1e6, 2),
                 dirty_pages=dirty,
                 dirty_pages_rate=round(self.dirty_rate),
-                expected_downtime_ms=round(self.expected_downtime * 1000, 1),
+                expected_downtime_ms=ms(self.expected_downtime),
             )
             pass_no += 1
             if self.expected_downtime <= cfg.downtime_limit:
                 self.converged = True
                 break
             if pass_no >= cfg.max_iterations:
-                log.warning("stop_iterating", passes=pass_no, expected_downtime_ms=round(self.expected_downtime * 1000))
+                log.warning("stop_iterating", passes=pass_no, expected_downtime_ms=ms(self.expected_downtime))
                 break
             change = self.xbzrle.judge(report, pass_no)
             if change is not None and change.enabled:
                 log.info("enable_xbzrle", **{"pass": pass_no})
             elif change is not None:
-                log.info("disable_xbzrle", passes=change.passes, cache_miss_rate=change.cache_miss_rate,
-                         overflow_rate=change.overflow_rate)
+                log.info(
+                    "disable_xbzrle",
+                    passes=change.passes,
+                    cache_miss_rate=change.cache_miss_rate,
+                    overflow_rate=change.overflow_rate,
+                )
         await self._final_pass(stream, pass_no, plan)
 
     async def _plan(self, stream: trio.abc.Stream, *, first: bool, extra=None):
@@ -402,8 +435,17 @@ class Sender:
                         into = self._buffers[turn % len(self._buffers)]
                         turn += 1
                         data, batch = await trio.to_thread.run_sync(
-                            _encode, self.cache, t.index, bid, block.view, pages[i : i + BATCH_PAGES],
-                            xbzrle, first, seed, t.hashes, into,
+                            _encode,
+                            self.cache,
+                            t.index,
+                            bid,
+                            block.view,
+                            pages[i : i + BATCH_PAGES],
+                            xbzrle,
+                            first,
+                            seed,
+                            t.hashes,
+                            into,
                         )
                         stats += batch
                         await send_ch.send(data)
@@ -419,7 +461,8 @@ class Sender:
         if final:
             seconds = trio.current_time() - start
         else:
-            await self._wait(lambda: pass_no in self._acks, f"acknowledgement of pass {pass_no}", self.config.timeout)
+            with answer_within(f"acknowledgement of pass {pass_no}", self.config.timeout):
+                await self._until(lambda: pass_no in self._acks)
             seconds = self._acks[pass_no] - start
             self.estimate.measured_pass(wire_bytes, seconds)
         report = PassReport(pass_no, wire_bytes, seconds, xbzrle, stats)
@@ -446,19 +489,30 @@ class Sender:
                 pages=report.pages,
                 wire_bytes=report.wire_bytes,
                 xbzrle_pages=report.stats.xbzrle_pages,
-                scan_ms=round(scan_seconds * 1000, 1),
-                send_ms=round(report.seconds * 1000, 1),
+                scan_ms=ms(scan_seconds),
+                send_ms=ms(report.seconds),
                 digest=self.digest,
             )
-            await self._wait(lambda: self._committed is not None, "commit confirmation", self.config.commit_timeout)
+            with answer_within("commit confirmation", self.config.commit_timeout):
+                await self._until(lambda: self._committed is not None)
             if not self.verified:
+                confirmed = self._committed.digest if self._committed is not None else ""
                 raise RemoteProtocolError(
-                    f"receiver confirmed digest {self._committed.digest[:16]}…, the sender sent {self.digest[:16]}…"
+                    f"receiver confirmed digest {confirmed[:16]}…, the sender sent {self.digest[:16]}…"
                 )
         finally:
             self.downtime = trio.current_time() - frozen_at
-            with trio.CancelScope(shield=True):
-                self.source.thaw(self.verified and frozen)
+            self.source.thaw(self.verified and frozen)  # synchronous: a cancellation cannot skip it
+
+
+@contextlib.contextmanager
+def answer_within(what: str, seconds: float) -> Iterator[None]:
+    """A deadline for an answer from the receiver: past it, a NetworkError
+    that says what was awaited."""
+    with trio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise NetworkError(f"no {what} from the receiver within {seconds:g} s")
 
 
 def _encode(cache, index, bid, view, pages, xbzrle, first, seed, hashes, into):

@@ -7,6 +7,7 @@ a source that copies memory (a process), takes this pass's copy. ``freeze()``
 stops whatever writes the memory for the final pass; ``thaw()`` always runs
 after it, whatever happened.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -15,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -30,7 +32,7 @@ class Block:
     """One block of a source as of the last refresh."""
 
     info: BlockInfo
-    view: object  # readable buffer of info.length bytes
+    view: Any  # a readable buffer of info.length bytes (mmap, bytes, memoryview)
 
 
 class Source:
@@ -77,7 +79,7 @@ class FileSource(Source):
         self.description = f"file:{path}"
         self.pauser = SignalPauser(pause_pid) if pause_pid else None
         self._fd = -1
-        self._map = None
+        self._map: mmap.mmap | bytes | None = None
         self._size = -1
 
     def open(self) -> None:

@@ -17,6 +17,7 @@ the receiver's own memory does not grow with the image. ``posix_fallocate``
 reserves the space first, so a full disk is a clear error rather than a
 SIGBUS.
 """
+
 from __future__ import annotations
 
 import errno
@@ -89,8 +90,10 @@ class ImageStore:
         removed = []
         for entry in self.root.iterdir():
             n = entry.name
-            stale = ".staging-" in n or n.endswith(".link-tmp") or (
-                n.startswith(".") and ".v" in n and entry.is_dir() and not entry.is_symlink() and n not in live
+            stale = (
+                ".staging-" in n
+                or n.endswith(".link-tmp")
+                or (n.startswith(".") and ".v" in n and entry.is_dir() and not entry.is_symlink() and n not in live)
             )
             if stale and n.startswith("."):
                 if entry.is_dir() and not entry.is_symlink():
@@ -119,7 +122,7 @@ class _BlockFile:
         self.info = info
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.map = None
+        self.map: mmap.mmap | bytearray | None = None
         self.alloc = 0
         self.hashes = array("Q")
         self.marks = bytearray()
@@ -137,8 +140,9 @@ class _BlockFile:
             elif alloc > self.alloc:
                 os.posix_fallocate(self.fd, self.alloc, alloc - self.alloc)
         except OSError as exc:
-            raise storage_error(exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {self.path.parent}") \
-                from None
+            raise storage_error(
+                exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {self.path.parent}"
+            ) from None
         old_pages = len(self.hashes)
         self.alloc = alloc
         self.info = info
@@ -159,6 +163,7 @@ class _BlockFile:
         """Hash the pages written since the last call; returns how many."""
         if not self.info.length:
             return 0
+        assert self.map is not None  # mapped by resize()
         with memoryview(self.map) as mv:
             return hash_marked(mv[: self.info.length], self.marks, self.hashes, self.info.page_size)
 
@@ -209,22 +214,24 @@ class Staging:
             f = self.blocks.pop(bid)
             f.close()
             f.path.unlink(missing_ok=True)
-        created = set()
+        created: set[str] = set()
         for b in blocks:
-            f = self.blocks.get(b.id)
-            if f is None:
+            kept = self.blocks.get(b.id)
+            if kept is None:
                 self._files += 1
                 self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem")
                 created.add(b.id)
-            elif f.info.length != b.length or f.map is None:
-                f.resize(b)
+            elif kept.info.length != b.length or kept.map is None:
+                kept.resize(b)
             else:
-                f.info = b
+                kept.info = b
         self.order = ids
         # a block file made just now is all zeros: the applier may skip zero
         # fills, and writes its whole pages to the file rather than the map
-        targets = [BlockTarget(bid.encode(), f.map, bid in created, f.fd, f.marks)
-                   for bid, f in ((b, self.blocks[b]) for b in ids)]
+        targets = [
+            BlockTarget(bid.encode(), f.map, bid in created, f.fd, f.marks)
+            for bid, f in ((b, self.blocks[b]) for b in ids)
+        ]
         self.applier.set_blocks(targets)
         return targets
 
@@ -261,8 +268,9 @@ class Staging:
             f.unmap()
             os.ftruncate(f.fd, f.info.length)
             os.fsync(f.fd)  # covers pages written through the mapping too
-            blocks.append({"id": bid, "length": f.info.length, "page_size": f.info.page_size,
-                           "file": f.path.name, **f.info.info})
+            blocks.append(
+                {"id": bid, "length": f.info.length, "page_size": f.info.page_size, "file": f.path.name, **f.info.info}
+            )
         manifest = {
             "name": self.name,
             "source": self.source,

@@ -1,5 +1,6 @@
 """trio stream helpers both daemons use: receiving into a reused buffer, and
 the last-gasp ERROR a failing side sends before it closes."""
+
 from __future__ import annotations
 
 import trio
@@ -19,6 +20,27 @@ async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
     data = await stream.receive_some(len(view))
     view[: len(data)] = data
     return len(data)
+
+
+def sends_exactly(stream: trio.abc.Stream) -> bool:
+    """Whether ``send_some`` on ``stream`` always tells what went, even when
+    cancelled (a TCP stream: one send(2) at a time)."""
+    return isinstance(stream, trio.SocketStream)
+
+
+async def send_some(stream: trio.abc.Stream, view: memoryview) -> int:
+    """Send the front of ``view``; returns how many bytes went. On a TCP
+    stream this is one send(2), which a cancellation either precedes (nothing
+    sent) or does not interrupt, so the caller always knows where the stream
+    is. Other streams (TLS, in memory) send it all with ``send_all``, and a
+    cancellation leaves the amount sent unknown."""
+    if sends_exactly(stream):
+        try:
+            return await stream.socket.send(view)  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+    await stream.send_all(view)
+    return len(view)
 
 
 async def send_last_gasp(stream: trio.abc.Stream, data: bytes) -> None:

@@ -1,5 +1,6 @@
 """sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET; a no-op
 outside systemd (no NOTIFY_SOCKET), so daemons call it unconditionally."""
+
 from __future__ import annotations
 
 import os

@@ -5,10 +5,12 @@ SIZE and RATE take an optional binary suffix K, M, G or T (``64M`` is
 (``300ms``, ``1.5s``; a bare number is seconds). Addresses are
 ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
 """
+
 from __future__ import annotations
 
 import argparse
 import re
+from typing import overload
 
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -45,6 +47,15 @@ def parse_address(text: str, default_host: str | None = None) -> tuple[str, int]
     if not host:
         raise ValueError(f"{text!r} has no host")
     return host, int(port)
+
+
+@overload
+def ms(seconds: float) -> float: ...
+@overload
+def ms(seconds: None) -> None: ...
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds to 0.1 ms, the unit of every ``*_ms`` field (None stays None)."""
+    return round(seconds * 1000, 1) if seconds is not None else None
 
 
 def format_size(n: float) -> str:

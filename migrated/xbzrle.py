@@ -4,6 +4,7 @@ copies of a page, and apply it on the receiver.
 All functions take any buffer (bytes, bytearray, memoryview, mmap) and run
 their loops in the extension with the GIL released.
 """
+
 from __future__ import annotations
 
 from array import array

@@ -1,5 +1,32 @@
-import os
-import sys
+"""Fixtures and lanes shared by the suite.
 
-# tests import their helpers (reference codec, workload builders) by name
-sys.path.insert(0, os.path.dirname(__file__))
+Lanes: ``make test-fast`` runs the unit lane (no daemon, no child process,
+no socket: ``-m "not integration and not slow"``); ``make test`` runs
+everything. Modules that start real daemons are marked ``integration``
+here, so a new test in them cannot end up in the unit lane by mistake.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+INTEGRATION_MODULES = {"test_cli", "test_cli_daemons", "test_migration", "test_process_source", "test_systemd"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """`migrated receive` as a child process on 127.0.0.1, images under ``tmp_path/images``."""
+    # imported here, not at the top: conftest loads before pytest enables
+    # faulthandler, whose SIGBUS handler would then displace the extension's
+    # fault guard (ext/fault_guard.h) if the extension were imported first
+    from daemons import receiver_process
+
+    rx = receiver_process(tmp_path)
+    yield rx
+    rx.kill()

@@ -1,18 +1,29 @@
 """Helpers that start real components for the end-to-end tests: an
 in-process receiver on 127.0.0.1 port 0, writer processes, image files."""
+
 from __future__ import annotations
 
 import os
 import random
+import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
-from migrated._tools.localrun import WriterProcess
+from migrated._tools.localrun import ReceiverProcess, WriterProcess
+from migrated.errors import PeerError
+from migrated.protocol import PREAMBLE, Connection, Hello, Role
 from migrated.receiver import Receiver, ReceiverConfig
 from migrated.sender import SendConfig, Sender
 from migrated.source import FileSource
+
+
+def receiver_process(tmp: Path, *args: str) -> ReceiverProcess:
+    """`migrated receive` as a child process: images in ``tmp/images``, its log
+    a new file in ``tmp`` (a test may start several in turn)."""
+    return ReceiverProcess(tmp / "images", tmp / f"receiver-{time.monotonic_ns()}.log", *args)
 
 
 def make_image(path: Path, size: int, *, zero_fraction: float = 0.0, seed: int = 1, marker: bytes = b"") -> bytes:
@@ -102,3 +113,48 @@ def image_bytes(directory: Path, name: str) -> bytes:
 
 def staging_left(directory: Path) -> list[str]:
     return [n for n in os.listdir(directory) if ".staging-" in n]
+
+
+class MemoryListener(trio.abc.Listener):
+    """A listener whose connections are in-memory stream pairs: a real
+    Receiver.serve over it needs no socket, and runs on trio's autojump
+    clock (timeouts of minutes pass at once)."""
+
+    def __init__(self) -> None:
+        self._send, self._accepted = trio.open_memory_channel(8)
+
+    async def connect(self) -> trio.abc.Stream:
+        """The client's end of a new connection."""
+        import trio.testing
+
+        client, server = trio.testing.memory_stream_pair()
+        await self._send.send(server)
+        return client
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._accepted.receive()
+
+    async def aclose(self) -> None:
+        await self._accepted.aclose()
+
+
+async def read_to_end(stream: trio.abc.Stream) -> bytes:
+    out = b""
+    while data := await stream.receive_some(1 << 16):
+        out += data
+    return out
+
+
+def raw_hello(name: str = "h", page_size: int = 4096) -> bytes:
+    """A HELLO as a hostile peer writes it: framed without the sender's checks."""
+    return PREAMBLE + Connection.frame(Hello(name, page_size))
+
+
+def error_of(answer: bytes) -> dict:
+    """The ERROR a receiver answered with (its code and message)."""
+    conn = Connection(Role.SENDER)
+    conn.receive_data(answer)
+    with pytest.raises(PeerError) as info:
+        while True:
+            conn.next_event()
+    return {"code": info.value.code, "message": str(info.value)}

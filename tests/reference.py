@@ -3,6 +3,7 @@
 It follows docs/format.md literally: canonical encoding (no folding) and a
 decoder that validates every rule before touching the page.
 """
+
 from __future__ import annotations
 
 import operator

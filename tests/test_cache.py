@@ -1,4 +1,5 @@
 """LRU page cache: order, eviction, zero pages, resize, capacity 0."""
+
 from __future__ import annotations
 
 import random
@@ -126,7 +127,7 @@ def test_capacity_zero_disables_cleanly():
 
 def test_capacity_rounds_down_to_pages_and_rejects_negative():
     assert PageCache(PS * 3 + 100).capacity == 3 * PS
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0"):
         PageCache(-1)
     with pytest.raises(ValueError, match="power of two"):
         PageCache(PS, page_size=3000)
@@ -144,9 +145,7 @@ def test_against_a_model_under_random_operations():
     model: OrderedDict[int, bytes | int] = OrderedDict()  # key -> page or fill
 
     def evict_for(data: bool):
-        while len(model) >= 2 * slots or (
-            data and sum(1 for v in model.values() if isinstance(v, bytes)) >= slots
-        ):
+        while len(model) >= 2 * slots or (data and sum(1 for v in model.values() if isinstance(v, bytes)) >= slots):
             model.popitem(last=False)
 
     for step in range(5000):
@@ -190,5 +189,5 @@ def test_against_a_model_under_random_operations():
 def test_page_key_packing():
     assert page_key(0, 5) == 5
     assert page_key(2, 5) == (2 << 40) | 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="out of range"):
         page_key(-1, 0)

@@ -1,4 +1,5 @@
 """The console script, run as a real subprocess."""
+
 import json
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """`migrated receive` and `migrated send` as real subprocesses over loopback."""
+
 from __future__ import annotations
 
 import json
@@ -7,28 +8,15 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
+from daemons import image_bytes, make_image, receiver_process, staging_left, state, writer
 
-from daemons import image_bytes, make_image, staging_left, state, writer
 from migrated._tools import localrun
 from migrated.pages import image_digest, page_hashes
 
 MiB = 1 << 20
 CLI = localrun.CLI
-
-
-class ReceiverProcess(localrun.ReceiverProcess):
-    def __init__(self, tmp: Path, *args: str):
-        super().__init__(tmp / "images", tmp / f"receiver-{time.monotonic_ns()}.log", *args)
-
-
-@pytest.fixture
-def receiver(tmp_path):
-    rx = ReceiverProcess(tmp_path)
-    yield rx
-    rx.kill()
 
 
 def send(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -43,19 +31,58 @@ def test_migration_through_the_cli_with_a_paused_writer(tmp_path, receiver):
     src = tmp_path / "src.img"
     initial = make_image(src, 32 * MiB, zero_fraction=0.5)
     with writer(src, "--offset", str(16 * MiB), "--stride", "1024") as w:
-        r = send("--source", f"file:{src}", "--to", receiver.address, "--name", "cli", "--pause-pid", str(w.pid),
-                 "--downtime-limit", "50ms", "--json")
+        r = send(
+            "--source",
+            f"file:{src}",
+            "--to",
+            receiver.address,
+            "--name",
+            "cli",
+            "--pause-pid",
+            str(w.pid),
+            "--downtime-limit",
+            "50ms",
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
         assert state(w.pid) != "T"  # resumed
     summary = json.loads(r.stdout)
     assert summary["status"] == "completed" and summary["verified"]
     # the summary contract (QEMU's info migrate names)
-    assert {"status", "converged", "iterations", "total_time_ms", "setup_time_ms", "downtime_ms",
-            "expected_downtime_ms", "ram", "xbzrle", "digest", "verified"} <= set(summary)
-    assert set(summary["ram"]) >= {"total_bytes", "transferred_bytes", "remaining_bytes", "zero_pages",
-                                   "normal_pages", "normal_bytes", "dirty_pages_rate", "mbps"}
-    assert set(summary["xbzrle"]) >= {"enabled", "cache_size", "bytes", "pages", "cache_miss", "cache_miss_rate",
-                                      "encoding_rate", "overflow", "passes_off"}
+    assert {
+        "status",
+        "converged",
+        "iterations",
+        "total_time_ms",
+        "setup_time_ms",
+        "downtime_ms",
+        "expected_downtime_ms",
+        "ram",
+        "xbzrle",
+        "digest",
+        "verified",
+    } <= set(summary)
+    assert set(summary["ram"]) >= {
+        "total_bytes",
+        "transferred_bytes",
+        "remaining_bytes",
+        "zero_pages",
+        "normal_pages",
+        "normal_bytes",
+        "dirty_pages_rate",
+        "mbps",
+    }
+    assert set(summary["xbzrle"]) >= {
+        "enabled",
+        "cache_size",
+        "bytes",
+        "pages",
+        "cache_miss",
+        "cache_miss_rate",
+        "encoding_rate",
+        "overflow",
+        "passes_off",
+    }
     assert summary["ram"]["remaining_bytes"] == 0 and summary["ram"]["total_bytes"] == 32 * MiB
     assert summary["ram"]["transferred_bytes"] > 16 * MiB  # at least the random half went raw
     image = image_bytes(receiver.dir, "cli")
@@ -73,7 +100,7 @@ def test_migration_through_the_cli_with_a_paused_writer(tmp_path, receiver):
 
 
 def test_human_summary_and_receiver_without_xbzrle(tmp_path):
-    rx = ReceiverProcess(tmp_path, "--no-xbzrle")
+    rx = receiver_process(tmp_path, "--no-xbzrle")
     try:
         src = tmp_path / "src.img"
         make_image(src, 1 * MiB)
@@ -89,8 +116,18 @@ def test_receiver_killed_mid_migration(tmp_path, receiver):
     src = tmp_path / "src.img"
     make_image(src, 16 * MiB)
     with writer(src, "--stride", "4096") as w:
-        p = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "k", "--pause-pid", str(w.pid),
-                       "--max-bandwidth", "4M")
+        p = start_send(
+            "--source",
+            f"file:{src}",
+            "--to",
+            receiver.address,
+            "--name",
+            "k",
+            "--pause-pid",
+            str(w.pid),
+            "--max-bandwidth",
+            "4M",
+        )
         receiver.wait_for("set_blocks")
         receiver.proc.kill()
         out, err = p.communicate(timeout=60)
@@ -125,8 +162,19 @@ def test_sigint_cancels_and_resumes_the_writer(tmp_path, receiver):
     src = tmp_path / "src.img"
     make_image(src, 16 * MiB)
     with writer(src, "--stride", "4096") as w:
-        p = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "c", "--pause-pid", str(w.pid),
-                       "--max-bandwidth", "4M", "--json")
+        p = start_send(
+            "--source",
+            f"file:{src}",
+            "--to",
+            receiver.address,
+            "--name",
+            "c",
+            "--pause-pid",
+            str(w.pid),
+            "--max-bandwidth",
+            "4M",
+            "--json",
+        )
         receiver.wait_for("set_blocks")
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
@@ -136,6 +184,9 @@ def test_sigint_cancels_and_resumes_the_writer(tmp_path, receiver):
         assert state(w.pid) != "T"
     receiver.wait_for("remove_staging")
     assert staging_left(receiver.dir) == []
+    # the sender's last gasp reached the receiver: it knows why
+    failed = [e for e in receiver.events() if e.get("event") == "fail_migration"]
+    assert failed and failed[-1]["code"] == "cancelled"
 
 
 def test_connection_and_source_errors_exit_1(tmp_path, receiver):
@@ -159,8 +210,18 @@ def test_source_file_truncated_during_a_pass_exits_1_and_says_so(tmp_path, recei
     src = tmp_path / "src.img"
     make_image(src, 32 * MiB)
     with writer(src, "--length", str(MiB), "--stride", "4096") as w:
-        proc = start_send("--source", f"file:{src}", "--to", receiver.address, "--name", "cut",
-                          "--pause-pid", str(w.pid), "--max-bandwidth", "8M")
+        proc = start_send(
+            "--source",
+            f"file:{src}",
+            "--to",
+            receiver.address,
+            "--name",
+            "cut",
+            "--pause-pid",
+            str(w.pid),
+            "--max-bandwidth",
+            "8M",
+        )
         try:
             receiver.wait_for("set_blocks")  # mapped at 32 MiB; pass 0 takes about 4 s
             time.sleep(0.5)
@@ -177,17 +238,25 @@ def test_source_file_truncated_during_a_pass_exits_1_and_says_so(tmp_path, recei
 
 
 def test_port_in_use_and_unwritable_dir(tmp_path, receiver):
-    r = subprocess.run([*CLI, "receive", "--listen", receiver.address, "--dir", str(tmp_path / "d2")],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [*CLI, "receive", "--listen", receiver.address, "--dir", str(tmp_path / "d2")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "cannot listen" in r.stderr
     (tmp_path / "file").write_text("x")
-    r = subprocess.run([*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "file" / "sub")],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "file" / "sub")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "cannot write to image directory" in r.stderr
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    ("args", "message"),
     [
         (["--source", "nope", "--to", "h:1", "--name", "n"], "use file:PATH or pid:PID"),
         (["--source", "file:/x", "--to", "nohost", "--name", "n"], "HOST:PORT"),
@@ -224,7 +293,9 @@ def test_receiver_out_of_space_fails_clearly_and_keeps_serving(tmp_path):
     log = tmp_path / "rx.log"
     proc = subprocess.Popen(
         [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "images"), "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=open(log, "w"), preexec_fn=limit,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        preexec_fn=limit,
     )
     try:
         deadline = time.monotonic() + 20
@@ -248,7 +319,7 @@ def test_receiver_out_of_space_fails_clearly_and_keeps_serving(tmp_path):
 
 
 def test_receiver_sigterm_drains_and_a_second_signal_aborts(tmp_path):
-    rx = ReceiverProcess(tmp_path, "--shutdown-grace", "60s")
+    rx = receiver_process(tmp_path, "--shutdown-grace", "60s")
     try:
         src = tmp_path / "src.img"
         make_image(src, 16 * MiB)

@@ -1,4 +1,5 @@
 """Nursery failures surface as the failure, not as a group."""
+
 import pytest
 import trio
 

@@ -1,6 +1,7 @@
 """The sender's policy objects, without sockets or clocks: fed what passes
 measured, they answer how long to wait, whether to delta-encode, and how
 long the final pass would take."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,9 @@ def test_token_bucket_default_burst_is_a_twentieth_of_a_second_but_at_least_64k(
 
 
 def dirty_pass(number, lookups, misses, overflow=0, xbzrle=True):
-    return PassReport(number, xbzrle=xbzrle, stats=BatchStats(cache_lookups=lookups, cache_miss=misses,
-                                                              overflow=overflow))
+    return PassReport(
+        number, xbzrle=xbzrle, stats=BatchStats(cache_lookups=lookups, cache_miss=misses, overflow=overflow)
+    )
 
 
 def test_xbzrle_off_for_1_2_4_8_passes_while_it_does_not_pay():

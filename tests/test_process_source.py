@@ -1,4 +1,5 @@
 """Migrating live processes by pid: real children, read through /proc."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from daemons import failure_seen, migrate, running_receiver, state
+
 from migrated._tools import loadgen
-from migrated.errors import MigrationError, first_migration_error
-from migrated._tools.localrun import CLI, ReceiverProcess
+from migrated._tools.localrun import CLI
+from migrated.errors import MigrationError, SourceError, first_migration_error
 from migrated.procmem import (
     PM_PRESENT,
     PM_SOFT_DIRTY,
@@ -28,7 +29,6 @@ from migrated.procmem import (
     select_mappings,
     soft_dirty_supported,
 )
-from migrated.errors import SourceError
 
 MiB = 1 << 20
 
@@ -92,8 +92,9 @@ async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child):
     images = tmp_path / "images"
     async with running_receiver(images) as rx:
         source = ProcessSource(child.pid, after="stop")
-        summary = await migrate(rx.port, source, name="proc", max_bandwidth=64 * MiB, downtime_limit=0.002,
-                                max_iterations=3)
+        summary = await migrate(
+            rx.port, source, name="proc", max_bandwidth=64 * MiB, downtime_limit=0.002, max_iterations=3
+        )
     assert summary["status"] == "completed" and summary["verified"]
     assert summary["iterations"] == 4  # pass 0, two dirty passes, the final pass
     assert summary["passes"][1]["pages"] > 0  # the work buffer really was being written
@@ -133,8 +134,9 @@ async def test_mappings_created_and_removed_mid_migration(tmp_path, child):
     images = tmp_path / "images"
     async with running_receiver(images) as rx:
         source = _SwappingSource(child, after="resume")
-        summary = await migrate(rx.port, source, name="maps", max_bandwidth=64 * MiB, downtime_limit=0.001,
-                                max_iterations=4)
+        summary = await migrate(
+            rx.port, source, name="maps", max_bandwidth=64 * MiB, downtime_limit=0.001, max_iterations=4
+        )
     assert summary["status"] == "completed" and source.refreshes >= 3
     blocks = manifest(images, "maps")["blocks"]
 
@@ -237,10 +239,19 @@ def test_this_kernel_reports_its_soft_dirty_support_with_a_reason():
 
 def test_pages_to_read_from_recorded_pagemap_entries():
     # eight pages as pagemap reports them: present, absent, swapped, present+soft-dirty, ...
-    entries = array("Q", [
-        PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_SOFT_DIRTY,
-        0, PM_PRESENT | PM_SOFT_DIRTY, PM_SWAPPED | PM_SOFT_DIRTY, PM_PRESENT | 0x1234,
-    ])
+    entries = array(
+        "Q",
+        [
+            PM_PRESENT,
+            0,
+            PM_SWAPPED,
+            PM_PRESENT | PM_SOFT_DIRTY,
+            0,
+            PM_PRESENT | PM_SOFT_DIRTY,
+            PM_SWAPPED | PM_SOFT_DIRTY,
+            PM_PRESENT | 0x1234,
+        ],
+    )
     read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=False)
     assert list(read) == [0, 2, 3, 5, 6, 7] and list(zero) == [1, 4]
     read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=True)
@@ -268,7 +279,10 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
 def test_mapping_selection_from_recorded_maps():
     chosen, left_out = select_mappings(parse_maps(RECORDED_MAPS))
     assert [m.block_id for m in chosen] == [
-        "55d0c0c00000:/usr/bin/prog", "[heap]", "7f0000200000:anon", "[stack]",
+        "55d0c0c00000:/usr/bin/prog",
+        "[heap]",
+        "7f0000200000:anon",
+        "[stack]",
     ]
     reasons = {o["path"] or f"{o['start']:x}": o["reason"] for o in left_out}
     assert reasons["/usr/bin/prog"] == "read-only mapping"
@@ -280,13 +294,6 @@ def test_mapping_selection_from_recorded_maps():
 
 
 # -- the original experiment through the CLI ----------------------------------
-
-
-@pytest.fixture
-def receiver(tmp_path):
-    rx = ReceiverProcess(tmp_path / "images", tmp_path / "receiver.log")
-    yield rx
-    rx.kill()
 
 
 def send(*args: str) -> subprocess.CompletedProcess:
@@ -301,8 +308,19 @@ def test_experiment_converges_with_xbzrle(receiver, python):
         # the variant named is the one that runs: a missing C source or
         # compiler must fail the c-loadgen case, not fall back quietly
         assert gen.kind == ("python" if python else "c"), gen.reason
-        r = send("--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "exp", "--max-bandwidth", "8M",
-                 "--downtime-limit", "300ms", "--json")
+        r = send(
+            "--source",
+            f"pid:{gen.pid}",
+            "--to",
+            receiver.address,
+            "--name",
+            "exp",
+            "--max-bandwidth",
+            "8M",
+            "--downtime-limit",
+            "300ms",
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
         s = json.loads(r.stdout)
         assert s["converged"] and s["downtime_ms"] is not None
@@ -320,8 +338,24 @@ def test_experiment_converges_with_xbzrle(receiver, python):
 def test_experiment_does_not_converge_without_xbzrle(receiver):
     gen = loadgen.start()
     try:
-        r = send("--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "exp", "--max-bandwidth", "8M",
-                 "--downtime-limit", "300ms", "--max-iterations", "2", "--no-xbzrle", "--after", "kill", "--json")
+        r = send(
+            "--source",
+            f"pid:{gen.pid}",
+            "--to",
+            receiver.address,
+            "--name",
+            "exp",
+            "--max-bandwidth",
+            "8M",
+            "--downtime-limit",
+            "300ms",
+            "--max-iterations",
+            "2",
+            "--no-xbzrle",
+            "--after",
+            "kill",
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
         s = json.loads(r.stdout)
         assert not s["converged"] and s["iterations"] == 3
@@ -350,8 +384,19 @@ def _nobody_can_run_migrated() -> str | None:
         return "the test needs root to start a root-owned child and drop to nobody"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
-    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-                        sys.executable, "-c", "import migrated._core"], capture_output=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            sys.executable,
+            "-c",
+            "import migrated._core",
+        ],
+        capture_output=True,
+    )
     if r.returncode != 0:
         return "user nobody cannot run this Python or import migrated from this checkout"
     return None
@@ -362,9 +407,24 @@ def test_permission_denied_as_nobody(receiver, child):
     if reason:
         pytest.skip(reason)
     r = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *CLI, "send",
-         "--source", f"pid:{child.pid}", "--to", receiver.address, "--name", "denied"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            *CLI,
+            "send",
+            "--source",
+            f"pid:{child.pid}",
+            "--to",
+            receiver.address,
+            "--name",
+            "denied",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]

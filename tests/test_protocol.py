@@ -1,5 +1,6 @@
 """The protocol state machine without sockets: two Connections fed each
 other's bytes, whole, one byte at a time, and with garbage."""
+
 from __future__ import annotations
 
 import struct
@@ -16,6 +17,7 @@ from migrated.errors import (
     VersionError,
     error_side,
 )
+from migrated.pages import page_range
 from migrated.protocol import (
     NEED_DATA,
     PREAMBLE,
@@ -32,7 +34,6 @@ from migrated.protocol import (
     Welcome,
     negotiate,
 )
-from migrated.pages import page_range
 from migrated.records import Applier, BlockInfo, encode_batch
 
 
@@ -234,8 +235,6 @@ def test_negotiation():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from migrated.errors import MigrationError  # noqa: E402
-
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=3000), st.integers(1, 64))
@@ -256,6 +255,6 @@ def test_hostile_bytes_after_the_handshake_only_raise_migration_errors(garbage, 
                     r.send(Welcome(("xbzrle",)))
                 elif isinstance(ev, BlockList):
                     r.set_page_sink(memory_sink((b"ram", target)))
-    except MigrationError as exc:
-        assert isinstance(exc, (ProtocolError, RecordError, PeerError))
+    except (ProtocolError, RecordError, PeerError):
+        pass  # any other exception, MigrationError or not, fails the test
     assert guard == bytearray(8192)

@@ -1,5 +1,6 @@
 """Page records: golden bytes, batch encode -> apply round trips under a
 concurrent writer, chunked feeding, malformed records, and the dirty scan."""
+
 from __future__ import annotations
 
 import mmap
@@ -33,9 +34,7 @@ def test_golden_zero_page_and_xbzrle_records():
     cache = PageCache(16 * PS)
     data, st = encode_batch(cache, 0, b"ram", block, page_numbers([0, 1, 2]))
     assert bytes(data) == (
-        be64(0 | 0x02) + b"\x03ram" + b"\x00"
-        + be64(PS | 0x02 | 0x20) + b"\x07"
-        + be64(2 * PS | 0x02 | 0x20) + b"\x07"
+        be64(0 | 0x02) + b"\x03ram" + b"\x00" + be64(PS | 0x02 | 0x20) + b"\x07" + be64(2 * PS | 0x02 | 0x20) + b"\x07"
     )
     assert st.zero_pages == 3 and st.record_bytes == len(data)
 
@@ -63,7 +62,12 @@ def test_golden_non_page_records():
 
 def test_flag_values_are_qemus():
     assert (Flag.ZERO, Flag.MEM_SIZE, Flag.PAGE, Flag.EOS, Flag.CONTINUE, Flag.XBZRLE) == (
-        0x02, 0x04, 0x08, 0x10, 0x20, 0x40,
+        0x02,
+        0x04,
+        0x08,
+        0x10,
+        0x20,
+        0x40,
     )
 
 
@@ -296,7 +300,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("bad, message", MALFORMED)
+@pytest.mark.parametrize(("bad", "message"), MALFORMED)
 def test_malformed_record_rejected_with_stream_offset(bad, message):
     good, _ = encode_batch(PageCache(0), 0, b"b", bytearray(b"\x09" * 2 * PS), page_numbers([0]), first_pass=True)
     target = bytearray(b"\x33" * 2 * PS)
@@ -645,3 +649,25 @@ def test_hashing_marked_pages_while_they_are_written_misses_nothing():
     assert rounds > 1 and not any(marks)
     assert hashes == page_hashes(target, PS)
     ap.release()
+
+
+@pytest.mark.parametrize(
+    ("length", "page_size", "message"),
+    [
+        (8192, 0, "page size"),
+        (8192, 3000, "page size"),
+        (8192, 1 << 20, "page size"),
+        ((1 << 64) - 1, 4096, "more than"),
+        ((1 << 40) * 4096 + 1, 4096, "more than"),
+    ],
+)
+def test_block_list_numbers_are_checked_as_they_are_parsed(length, page_size, message):
+    raw = records.frame_mem_size([BlockInfo("ram", length, page_size)])
+    with pytest.raises(RecordError, match=message):
+        records.parse_record(raw, 0)
+
+
+def test_the_largest_block_a_cache_key_can_number_is_accepted():
+    length = (1 << 40) * 4096
+    (block,) = records.parse_record(records.frame_mem_size([BlockInfo("ram", length, 4096)]), 0).blocks
+    assert block.pages == 1 << 40  # page numbers 0 .. 2^40 - 1

@@ -1,4 +1,5 @@
 """The systemd units and the readiness notification."""
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,13 @@ def test_send_unit_command_parses():
     env = {"MIGRATED_SOURCE": "pid:42", "MIGRATED_TO": "h:7700", "MIGRATED_SEND_ARGS": "--max-bandwidth 100M"}
     argv = expand(u["ExecStart"][0].replace("%i", "vm1"), env)
     args = build_parser().parse_args(argv[1:])
-    assert (args.command, args.source, args.name, args.max_bandwidth, args.json) == ("send", "pid:42", "vm1", 100 << 20, True)
+    assert (args.command, args.source, args.name, args.max_bandwidth, args.json) == (
+        "send",
+        "pid:42",
+        "vm1",
+        100 << 20,
+        True,
+    )
 
 
 def test_every_hardening_line_says_what_it_costs():
@@ -59,8 +66,8 @@ def test_every_hardening_line_says_what_it_costs():
         for key in ("DynamicUser", "ProtectSystem", "NoNewPrivileges", "MemoryDenyWriteExecute", "AmbientCapabilities"):
             for m in re.finditer(rf"^{key}=", text, re.M):
                 before = text[: m.start()].rstrip("\n").splitlines()
-                comment = [l for l in before[-3:] if l.startswith("#")]
-                assert any("Cost" in l for l in comment), f"{name}: {key} has no cost comment"
+                comment = [line for line in before[-3:] if line.startswith("#")]
+                assert any("Cost" in line for line in comment), f"{name}: {key} has no cost comment"
 
 
 @pytest.mark.parametrize("name", ["migrated-receive.service", "migrated-send@.service"])
@@ -73,7 +80,7 @@ def test_systemd_analyze_verify(tmp_path, name):
     target = tmp_path / name.replace("@", "@test")
     target.write_text(text)
     r = subprocess.run([analyze, "verify", str(target)], capture_output=True, text=True)
-    problems = [l for l in r.stderr.splitlines() if target.name in l or "Unknown" in l]
+    problems = [line for line in r.stderr.splitlines() if target.name in line or "Unknown" in line]
     assert r.returncode == 0 and not problems, r.stderr
 
 
@@ -90,7 +97,8 @@ def test_receiver_tells_systemd_it_is_ready(tmp_path):
         env = {**os.environ, "NOTIFY_SOCKET": path}
         proc = subprocess.Popen(
             [sys.executable, "-m", "migrated", "receive", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "i")],
-            env=env, stderr=subprocess.DEVNULL,
+            env=env,
+            stderr=subprocess.DEVNULL,
         )
         try:
             assert sock.recv(1024).startswith(b"READY=1")

@@ -6,14 +6,22 @@ from migrated.units import duration_arg, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
-    "text,value",
-    [("0", 0), ("4096", 4096), ("64M", 64 << 20), ("64m", 64 << 20), ("1.5K", 1536), ("2G", 2 << 30), ("8MiB", 8 << 20)],
+    ("text", "value"),
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("64M", 64 << 20),
+        ("64m", 64 << 20),
+        ("1.5K", 1536),
+        ("2G", 2 << 30),
+        ("8MiB", 8 << 20),
+    ],
 )
 def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text,value", [("300ms", 0.3), ("2s", 2.0), ("1.5", 1.5), ("0ms", 0.0)])
+@pytest.mark.parametrize(("text", "value"), [("300ms", 0.3), ("2s", 2.0), ("1.5", 1.5), ("0ms", 0.0)])
 def test_durations(text, value):
     assert parse_duration(text) == pytest.approx(value)
 
@@ -40,5 +48,5 @@ def test_addresses():
     assert parse_address("[::1]:0") == ("::1", 0)
     assert parse_address("dest.example:7700") == ("dest.example", 7700)
     for bad in ("nohost", "h:", "h:99999", ":80", "h:x"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"HOST:PORT|port must be|no host"):
             parse_address(bad)

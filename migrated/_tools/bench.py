@@ -7,12 +7,14 @@ memcmp timed right before each of its repetitions, so that the drift of a
 shared machine between one operation and the next does not count. Nothing here asserts a time: the targets are
 printed next to the figures for a human (or CI log reader) to compare.
 """
+
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from migrated import _core, records
 from migrated.cache import PageCache
@@ -134,7 +136,7 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
     out = bytearray(size)
     for wl in WORKLOADS:
         old, new = build(size, wl)
-        enc_s, near = _paired(lambda: _core.encode_pages(old, new, out, PAGE), repeat, memcmp)
+        enc_s, near = _paired(partial(_core.encode_pages, old, new, out, PAGE), repeat, memcmp)
         lengths = _core.encode_pages(old, new, out, PAGE)
         overflow = sum(1 for n in lengths if n < 0)
         encoded = sum(n for n in lengths if n > 0)
@@ -152,9 +154,9 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
         if encoded:  # a workload with no deltas has nothing to decode
             target = bytearray(size)
             dec_s = _best(
-                lambda: _core.decode_pages(out, lengths, target, PAGE),
+                partial(_core.decode_pages, out, lengths, target, PAGE),
                 repeat,
-                setup=lambda: _core.ceiling_memcpy(target, old, PAGE),
+                setup=partial(_core.ceiling_memcpy, target, old, PAGE),
             )
             rows.append({"op": "decode", "workload": wl.name, "mbps": mbps(dec_s)})
             del target
@@ -204,13 +206,25 @@ def run_core(size_mib: int = 64, repeat: int = 3, progress: Callable[[str], None
     ba_s, ba_near = _paired(batch_apply, repeat, memcmp, setup=lambda: _core.ceiling_memcpy(seeded, old, PAGE))
     applier.release()
     rows.append(
-        {"op": "batch-apply", "workload": "seed", "mbps": mbps(ba_s), "memcmp_mbps": mbps(ba_near),
-         "target": OTHER_TARGETS["batch-apply seed"]}
+        {
+            "op": "batch-apply",
+            "workload": "seed",
+            "mbps": mbps(ba_s),
+            "memcmp_mbps": mbps(ba_near),
+            "target": OTHER_TARGETS["batch-apply seed"],
+        }
     )
     hashes = page_hashes(old, PAGE)
     sc_s, near = _paired(lambda: scan(old, hashes, PAGE), repeat, memcmp)
-    rows.append({"op": "scan", "workload": "unchanged", "mbps": mbps(sc_s), "memcmp_mbps": mbps(near),
-                 "target": OTHER_TARGETS["scan unchanged"]})
+    rows.append(
+        {
+            "op": "scan",
+            "workload": "unchanged",
+            "mbps": mbps(sc_s),
+            "memcmp_mbps": mbps(near),
+            "target": OTHER_TARGETS["scan unchanged"],
+        }
+    )
     note(f"scan: {mbps(sc_s):.0f} MB/s")
 
     for row in rows:
@@ -235,7 +249,9 @@ def format_core(result: dict) -> str:
             extra = f"overflow {r['overflow_pages']}, {r['encoded_bytes_per_page']:.0f} B/page"
         if "wire_bytes_per_page" in r:
             extra = f"{r['wire_bytes_per_page']:.1f} wire B/page"
-        lines.append(f"{r['op']:<13} {r['workload']:<10} {r['mbps']:>8.0f} {r['ratio']:>9.2f} {target:>7}  {extra}{flag}")
+        lines.append(
+            f"{r['op']:<13} {r['workload']:<10} {r['mbps']:>8.0f} {r['ratio']:>9.2f} {target:>7}  {extra}{flag}"
+        )
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ the same run, and the XBZRLE experiment on a live process.
   bandwidths with and without XBZRLE, and the load generator's slowdown
   while it is being migrated.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,6 +76,7 @@ def socket_copy_seconds(path: Path, to_file: Path | None = None) -> float:
     side, recv_into (and write) on the other."""
     args = [str(to_file)] if to_file else []
     sink = subprocess.Popen([sys.executable, "-c", _SINK, *args], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None  # stdout=PIPE
     port = int(sink.stdout.readline())
     with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as fh:
         t0 = time.perf_counter()
@@ -151,8 +153,8 @@ def wire_bytes_per_sparse_page() -> dict:
 
 def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> dict:
     note = progress or (lambda msg: None)
-    with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmpdir:
+        tmp = Path(tmpdir)
         src = tmp / "image.img"
         note(f"e2e: building a {size_mib} MiB image (40% zero pages, 60% random)")
         _make_file(src, size_mib * MiB, 0.4)
@@ -160,7 +162,7 @@ def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> di
         # the ceilings run right before each migration, as the core's
         # memcmp does: the machine's drift between them does not count
         runs = []
-        summary = None
+        summary: dict = {}
         receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
         try:
             for i in range(repeat):
@@ -168,7 +170,9 @@ def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> di
                 file_copy = socket_copy_seconds(src, tmp / "copy.out")
                 summary = migrate_cli(receiver, f"file:{src}", f"e2e{i}", "--downtime-limit", "10s")
                 _remove_image(receiver.dir / f"e2e{i}")
-                runs.append({"socket_copy_s": copy, "file_copy_s": file_copy, "pass0_s": summary["passes"][0]["seconds"]})
+                runs.append(
+                    {"socket_copy_s": copy, "file_copy_s": file_copy, "pass0_s": summary["passes"][0]["seconds"]}
+                )
                 note(
                     f"e2e: run {i + 1}: socket copy {size / copy / 1e6:.0f} MB/s, to a file "
                     f"{size / file_copy / 1e6:.0f} MB/s, migrated pass 0 {size / runs[-1]['pass0_s'] / 1e6:.0f} MB/s"
@@ -219,8 +223,8 @@ def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), m
 
     note = progress or (lambda msg: None)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="migrated-exp-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="migrated-exp-") as tmpdir:
+        tmp = Path(tmpdir)
         receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
         try:
             for bw in bandwidths:
@@ -263,9 +267,25 @@ def loadgen_slowdown(receiver: ReceiverProcess, seconds: float = 2.0) -> dict:
     try:
         alone = gen.loops_per_second(seconds)
         proc = subprocess.Popen(
-            [*CLI, "send", "--source", f"pid:{gen.pid}", "--to", receiver.address, "--name", "slowdown",
-             "--max-bandwidth", "8M", "--downtime-limit", "0ms", "--max-iterations", "1000", "--after", "resume",
-             "--json"],
+            [
+                *CLI,
+                "send",
+                "--source",
+                f"pid:{gen.pid}",
+                "--to",
+                receiver.address,
+                "--name",
+                "slowdown",
+                "--max-bandwidth",
+                "8M",
+                "--downtime-limit",
+                "0ms",
+                "--max-iterations",
+                "1000",
+                "--after",
+                "resume",
+                "--json",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -281,7 +301,8 @@ def loadgen_slowdown(receiver: ReceiverProcess, seconds: float = 2.0) -> dict:
 def format_experiment(r: dict) -> str:
     lines = [
         f"XBZRLE experiment: {r['loadgen']}, by pid, downtime limit 300 ms, at most {r['max_iterations']} passes",
-        f"  {'bandwidth':<10} {'xbzrle':<6} {'converged':<9} {'passes':>6} {'wire MiB':>9} {'total s':>8} {'downtime ms':>11}",
+        f"  {'bandwidth':<10} {'xbzrle':<6} {'converged':<9} {'passes':>6} {'wire MiB':>9} {'total s':>8} "
+        f"{'downtime ms':>11}",
     ]
     for row in r["rows"]:
         lines.append(
@@ -295,5 +316,3 @@ def format_experiment(r: dict) -> str:
         f"migration ({s['slowdown']:+.1%} slower)"
     )
     return "\n".join(lines)
-
-

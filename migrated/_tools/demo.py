@@ -6,6 +6,7 @@ a 48 MiB region over and over, and runs ``migrated send`` with the writer
 as ``--pause-pid`` at a 128 MiB/s cap. Prints the summary and where the
 committed image is.
 """
+
 from __future__ import annotations
 
 import random
@@ -42,8 +43,22 @@ def main() -> int:
     writer = WriterProcess(src, "--offset", str(128 * MiB), "--length", str(48 * MiB), "--stride", "1024")
     print(f"demo: writer pid {writer.pid} changes 4 bytes of every page of 48 MiB, continuously", flush=True)
     try:
-        cmd = [*CLI, "send", "--source", f"file:{src}", "--to", receiver.address, "--name", "demo",
-               "--pause-pid", str(writer.pid), "--max-bandwidth", "128M", "--log-format", "console"]
+        cmd = [
+            *CLI,
+            "send",
+            "--source",
+            f"file:{src}",
+            "--to",
+            receiver.address,
+            "--name",
+            "demo",
+            "--pause-pid",
+            str(writer.pid),
+            "--max-bandwidth",
+            "128M",
+            "--log-format",
+            "console",
+        ]
         print("demo: " + " ".join(cmd[2:]), flush=True)
         rc = subprocess.call(cmd)
     finally:

@@ -8,6 +8,7 @@ the system C compiler (once, cached by the source's hash) and runs it; without a
 Either way the child prints the addresses of its buffer and of its loop
 counter, which are read back through ``/proc/PID/mem``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,6 +72,7 @@ class LoadGen:
         if not exe:
             log.info("use_python_loadgen", reason=self.reason)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline().split()
         if not line or line[0] != "ready":
             self.kill()

@@ -1,5 +1,6 @@
 """Run the daemons and the sparse writer as local child processes on
 loopback: shared by ``make demo``, the benchmarks and the tests."""
+
 from __future__ import annotations
 
 import json
@@ -64,6 +65,7 @@ class WriterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrated._tools.workload", str(path), *args], stdout=subprocess.PIPE, text=True
         )
+        assert self.proc.stdout is not None  # stdout=PIPE
         if self.proc.stdout.readline().strip() != "ready":
             self.kill()
             raise RuntimeError("the writer did not start")

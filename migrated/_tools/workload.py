@@ -10,6 +10,7 @@ It prints ``ready`` on stdout once mapped, and after ``--sweeps`` sweeps
 (0: forever) it stops writing and sleeps until killed, so the final content
 is known.
 """
+
 from __future__ import annotations
 
 import argparse
