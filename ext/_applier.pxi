@@ -85,6 +85,7 @@ cdef class Applier:
         free(self.t)
         free(self.iov)
 
+    @cython.cdivision(True)
     cdef inline void _mark(self, int blk, uint64_t offset) noexcept nogil:
         """The page at offset of block blk was written (after the write)."""
         if self.t[blk].marks != NULL:
@@ -188,6 +189,7 @@ cdef class Applier:
         """Account for nbytes of non-page records consumed by the caller."""
         self.position += nbytes
 
+    @cython.cdivision(True)
     def apply(self, cbuf data):
         """Apply complete page records from the front of data.
 

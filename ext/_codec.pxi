@@ -38,11 +38,17 @@ def encode_into(cbuf old, cbuf new, wbuf out):
     if old.shape[0] != n:
         raise ValueError(f"old and new pages differ in size ({old.shape[0]} != {n})")
     _check_page_size(n)
+    cdef const uint8_t *o = &old[0]
+    cdef const uint8_t *w = &new[0]
+    cdef uint8_t *dst = &out[0] if out.shape[0] else NULL
     with nogil:
-        r = xb_encode(&old[0], &new[0], n, &out[0] if out.shape[0] else NULL, out.shape[0])
+        r = xb_encode(o, w, n, dst, out.shape[0])
     return r
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def encode_pages(cbuf old, cbuf new, wbuf out, Py_ssize_t page_size=4096):
     cdef Py_ssize_t total = new.shape[0], npages, i, d = 0
     cdef ptrdiff_t r
@@ -75,14 +81,19 @@ def decode_into(cbuf encoded, wbuf page):
     _check_page_size(n)
     if slen == 0:
         return
+    cdef const uint8_t *src = &encoded[0]
+    cdef uint8_t *dst = &page[0]
     with nogil:
-        rc = xb_decode_check(&encoded[0], slen, n, &at)
+        rc = xb_decode_check(src, slen, n, &at)
         if rc == 0:
-            xb_decode_apply(&encoded[0], slen, &page[0])
+            xb_decode_apply(src, slen, dst)
     if rc:
         raise _decode_error(rc, at)
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def decode_pages(cbuf encoded, const int64_t[::1] lengths, wbuf pages, Py_ssize_t page_size=4096):
     """Apply N deltas stored back to back (as encode_pages writes them);
     entries of length <= 0 are skipped. Raises DecodeError on the first bad one."""

@@ -1,5 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: initializedcheck=False
+# cython: language_level=3
 """Per-page hot loops of migrated: XBZRLE codec, LRU page cache, page-record
 batch encoder and applier, dirty scan.
 
@@ -8,6 +7,9 @@ Python wrappers in migrated.xbzrle, migrated.cache and migrated.records
 check arguments and give the public API; this module is private.
 
 One compiled module, in parts by concept (each .pxi says what it holds).
+Bounds, wraparound and initialization checks are off, and C division on,
+only on the kernels whose loops need it (by decorator); everything else
+keeps Cython's default checks.
 """
 
 include "_defs.pxi"

@@ -2,6 +2,7 @@
 # types, the SIGBUS guard, the page-size check, and the constants more than
 # one part uses.
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset, memcmp

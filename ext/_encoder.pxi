@@ -36,6 +36,9 @@ cpdef Py_ssize_t encode_capacity(Py_ssize_t npages, Py_ssize_t id_length, Py_ssi
     return 1 + id_length + npages * (8 + 3 + page_size)
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf block,
                  const uint64_t[::1] pages, int options, hashes=None, into=None):
     """Frame the records for `pages` of one block into a new bytearray, or

@@ -17,6 +17,9 @@ def page_count(Py_ssize_t length, Py_ssize_t page_size):
     return (length + page_size - 1) // page_size
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def page_hashes(cbuf block, Py_ssize_t page_size=4096):
     """Hash of every page of block (the last partial page zero-padded)."""
     cdef Py_ssize_t length = block.shape[0], npages, p
@@ -32,6 +35,9 @@ def page_hashes(cbuf block, Py_ssize_t page_size=4096):
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
     """Hash the pages of block whose mark is set, clearing each mark before
     reading its page (see Applier.set_blocks); returns how many. A page
@@ -51,6 +57,9 @@ def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t
     return n
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t first=0, Py_ssize_t end=-1):
     """Pages whose hash differs from hashes[p]; hashes is updated in place.
     Only pages first <= p < end (end -1: the last page) are looked at, so
@@ -87,6 +96,9 @@ def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t
 # Page lists: building, merging and reading /proc/PID/pagemap entries
 # ---------------------------------------------------------------------------
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def page_range(uint64_t start, uint64_t stop):
     """array('Q') of the page numbers start..stop-1."""
     cdef Py_ssize_t n = <Py_ssize_t>(stop - start) if stop > start else 0, i
@@ -99,6 +111,9 @@ def page_range(uint64_t start, uint64_t stop):
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
     """Union of two ascending page lists, ascending and without duplicates."""
     cdef Py_ssize_t na = a.shape[0], nb = b.shape[0], i = 0, j = 0, n = 0
@@ -120,6 +135,9 @@ def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
     """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set,
     or with none of them set when any_set is False."""
@@ -136,6 +154,9 @@ def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def page_runs(const uint64_t[::1] pages):
     """Runs of consecutive pages in an ascending list, as array('Q') of
     (first, count) pairs, so I/O can be done per run rather than per page."""
@@ -158,6 +179,9 @@ def page_runs(const uint64_t[::1] pages):
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def iovecs(const uint64_t[::1] runs, uint64_t local_base, uint64_t remote_base, uint64_t page_size):
     """struct iovec arrays (pointer, length pairs, as array('Q')) for page
     runs (first, count): one local and one remote, for process_vm_readv."""
