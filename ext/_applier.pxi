@@ -29,12 +29,9 @@ _RECORD_MESSAGES = {
 }
 
 # stop reasons of Applier.apply
-cdef enum:
-    R_NEED_DATA = 0    # every complete page record was applied
-    R_CONTROL = 1      # the next record is not a page record (EOS, MEM_SIZE, control)
-
-NEED_DATA = R_NEED_DATA
-CONTROL = R_CONTROL
+cpdef enum:
+    NEED_DATA = 0    # every complete page record was applied
+    CONTROL = 1      # the next record is not a page record (EOS, MEM_SIZE, control)
 
 cdef enum:
     IOV_BATCH = 1024   # iovecs per pwritev (Linux's IOV_MAX)
@@ -145,8 +142,8 @@ cdef class Applier:
         try:
             for i, entry in enumerate(blocks):
                 bid, buf = entry[0], entry[1]
-                if not isinstance(bid, bytes) or not 1 <= len(bid) <= 255:
-                    raise ValueError("block ids must be bytes of length 1 to 255")
+                if not isinstance(bid, bytes) or not _block_id_ok(len(bid)):
+                    raise ValueError(f"block ids must be bytes of length 1 to {MAX_BLOCK_ID_LENGTH}")
                 mv = buf
                 keep.append((bid, mv))
                 t[i].ptr = &mv[0] if mv.shape[0] else NULL
@@ -199,7 +196,7 @@ cdef class Applier:
         """
         cdef Py_ssize_t n = data.shape[0], i = 0, rec, ps = self.page_size
         cdef uint64_t h, flags, kind, offset
-        cdef int err = 0, reason = R_NEED_DATA, blk, k, rc = 0
+        cdef int err = 0, reason = NEED_DATA, blk, k, rc = 0
         cdef Py_ssize_t idl, need, xlen
         cdef const uint8_t *src = &data[0] if n else NULL
         cdef uint8_t *page
@@ -213,27 +210,27 @@ cdef class Applier:
                 if n - i < 8:
                     break
                 h = _get_be64(src + i)
-                flags = h & F_MASK
-                offset = h & ~(<uint64_t>F_MASK)
-                if flags & ~(<uint64_t>(F_ZERO | F_MEM_SIZE | F_PAGE | F_EOS | F_CONTINUE | F_XBZRLE | F_CONTROL)):
+                flags = h & FLAG_MASK
+                offset = h & ~(<uint64_t>FLAG_MASK)
+                if flags & ~(<uint64_t>(FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE | FLAG_XBZRLE | FLAG_CONTROL)):
                     err = E_FLAGS
                     break
-                kind = flags & (F_ZERO | F_PAGE | F_XBZRLE | F_MEM_SIZE | F_EOS | F_CONTROL)
-                if kind == F_MEM_SIZE or kind == F_EOS or kind == F_CONTROL:
-                    if flags & F_CONTINUE:
+                kind = flags & (FLAG_ZERO | FLAG_PAGE | FLAG_XBZRLE | FLAG_MEM_SIZE | FLAG_EOS | FLAG_CONTROL)
+                if kind == FLAG_MEM_SIZE or kind == FLAG_EOS or kind == FLAG_CONTROL:
+                    if flags & FLAG_CONTINUE:
                         err = E_KIND
                         break
-                    reason = R_CONTROL
+                    reason = CONTROL
                     break
-                if kind != F_ZERO and kind != F_PAGE and kind != F_XBZRLE:
+                if kind != FLAG_ZERO and kind != FLAG_PAGE and kind != FLAG_XBZRLE:
                     err = E_KIND
                     break
-                if kind == F_XBZRLE and not self.allow_xbzrle:
+                if kind == FLAG_XBZRLE and not self.allow_xbzrle:
                     err = E_NOT_NEGOTIATED
                     break
                 i += 8
                 blk = self.current
-                if not (flags & F_CONTINUE):
+                if not (flags & FLAG_CONTINUE):
                     if i >= n:
                         i = rec
                         break
@@ -271,7 +268,7 @@ cdef class Applier:
                 # them first
                 if self.niov:
                     pend_end = self.pend_off + <uint64_t>(self.niov * ps)
-                    if kind == F_PAGE and self.t[blk].fresh and self.t[blk].fd >= 0:
+                    if kind == FLAG_PAGE and self.t[blk].fresh and self.t[blk].fd >= 0:
                         must = blk != self.pend_blk or offset != pend_end or self.niov == IOV_BATCH
                     else:
                         must = blk == self.pend_blk and self.pend_off <= offset < pend_end
@@ -279,7 +276,7 @@ cdef class Applier:
                         wr = self._flush()
                         if wr:
                             break
-                if kind == F_ZERO:
+                if kind == FLAG_ZERO:
                     if i >= n:
                         i = rec
                         break
@@ -288,7 +285,7 @@ cdef class Applier:
                         self._mark(blk, offset)
                     i += 1
                     self.zero_pages += 1
-                elif kind == F_PAGE:
+                elif kind == FLAG_PAGE:
                     if n - i < ps:
                         i = rec
                         break

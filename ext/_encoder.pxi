@@ -3,14 +3,10 @@
 # encode_capacity, BATCH_COUNTERS and the big-endian header helpers.
 
 # batch options
-cdef enum:
-    OPT_XBZRLE = 1      # delta-encode cache hits
-    OPT_LOOKUP = 2      # look pages up in the cache (off in a first pass)
-    OPT_INSERT = 4      # cache pages sent raw
-
-OPTION_XBZRLE = OPT_XBZRLE
-OPTION_LOOKUP = OPT_LOOKUP
-OPTION_INSERT = OPT_INSERT
+cpdef enum:
+    OPTION_XBZRLE = 1      # delta-encode cache hits
+    OPTION_LOOKUP = 2      # look pages up in the cache (off in a first pass)
+    OPTION_INSERT = 4      # cache pages sent raw
 
 cdef inline void _put_be64(uint8_t *p, uint64_t v) noexcept nogil:
     cdef int i
@@ -54,9 +50,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef uint64_t[::1] hv
     cdef bint with_hashes = hashes is not None
     cdef uint64_t p
-    if idlen < 1 or idlen > 255:
-        raise ValueError("block id must be 1 to 255 bytes")
-    if block_index >= (1 << 24):
+    if not _block_id_ok(idlen):
+        raise ValueError(f"block id must be 1 to {MAX_BLOCK_ID_LENGTH} bytes")
+    if block_index >= KEY_BLOCK_LIMIT:
         raise ValueError("block index out of range")
     for i in range(n):
         if pages[i] >= <uint64_t>npages_block:
@@ -95,8 +91,8 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
         xb_guard_arm(&guard, &block[0] if length else NULL, length)
         for i in range(n):
             p = pages[i]
-            key = (block_index << 40) | p
-            flags = 0 if first else F_CONTINUE
+            key = _page_key(block_index, p)
+            flags = 0 if first else FLAG_CONTINUE
             hdr = d
             d += 8
             if first:
@@ -114,7 +110,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                 # and cached is the constant, whatever a writer does meanwhile
                 if with_hashes:
                     hv[p] = zero_hash
-                flags |= F_ZERO
+                flags |= FLAG_ZERO
                 out[d] = 0
                 d += 1
                 c_zero += 1
@@ -131,7 +127,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
             if xb_is_uniform(pg, ps):
                 if with_hashes:
                     hv[p] = zero_hash if pg[0] == 0 else xb_page_hash(pg, ps)
-                flags |= F_ZERO
+                flags |= FLAG_ZERO
                 # out[d] is pg[0] already: the fill byte
                 d += 1
                 c_zero += 1
@@ -141,12 +137,12 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                 if with_hashes:
                     hv[p] = xb_page_hash(pg, ps)
                 e = -1
-                if use_cache and (options & OPT_LOOKUP):
+                if use_cache and (options & OPTION_LOOKUP):
                     c_lookups += 1
                     e = cache.lookup(key)
                     if e < 0:
                         c_miss += 1
-                if e >= 0 and (options & OPT_XBZRLE):
+                if e >= 0 and (options & OPTION_XBZRLE):
                     memcpy(snap, pg, ps)
                     r = xb_encode(cache.data(e), snap, ps, out + d + 3, limit)
                     if r == 0:
@@ -156,7 +152,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                         continue
                     cache.store(key, snap, 0)
                     if r > 0:
-                        flags |= F_XBZRLE
+                        flags |= FLAG_XBZRLE
                         out[d] = ENCODING_XBZRLE
                         out[d + 1] = <uint8_t>(r >> 8)
                         out[d + 2] = <uint8_t>r
@@ -165,14 +161,14 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                         c_xbytes += 3 + r
                     else:
                         c_overflow += 1
-                        flags |= F_PAGE
+                        flags |= FLAG_PAGE
                         memcpy(out + d, snap, ps)  # the failed delta wrote over it
                         d += ps
                         c_normal += 1
                 else:
-                    flags |= F_PAGE
+                    flags |= FLAG_PAGE
                     if use_cache:
-                        if options & OPT_INSERT and options & OPT_XBZRLE:
+                        if options & OPTION_INSERT and options & OPTION_XBZRLE:
                             cache.store(key, pg, 0)
                         else:
                             # a page sent raw with the cache unused: a stale

@@ -27,7 +27,7 @@ def page_hashes(cbuf block, Py_ssize_t page_size=4096):
     npages = (length + page_size - 1) // page_size
     cdef array out = clone(array("Q"), npages, False)
     cdef uint64_t[::1] hv = out
-    cdef uint8_t scratch[16384]
+    cdef uint8_t scratch[XB_MAX_PAGE]
     if npages:
         with nogil:
             for p in range(npages):
@@ -43,7 +43,7 @@ def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t
     reading its page (see Applier.set_blocks); returns how many. A page
     marked again meanwhile keeps its mark for the next call."""
     cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
-    cdef uint8_t scratch[16384]
+    cdef uint8_t scratch[XB_MAX_PAGE]
     _check_page_size(page_size)
     npages = (length + page_size - 1) // page_size
     if marks.shape[0] < npages or hashes.shape[0] < npages:
@@ -75,7 +75,7 @@ def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t
     first = min(max(first, 0), end)
     cdef array out = clone(array("Q"), end - first, False)
     cdef uint64_t[::1] ov = out
-    cdef uint8_t scratch[16384]
+    cdef uint8_t scratch[XB_MAX_PAGE]
     cdef xb_guard_t guard
     if end > first:
         with nogil:
