@@ -39,10 +39,16 @@
 /* n is a multiple of 64. Returns the OR of all words (0: identical).  */
 /* ------------------------------------------------------------------ */
 
-static inline uint64_t xb_load64(const uint8_t *p)
+/* The 8 bytes at p as a little-endian word (byte k is bits 8k..8k+7), on
+ * hosts of either byte order: the page hash and the byte-to-bit mapping of
+ * the changed-byte bitmaps both depend on it. One load on little-endian. */
+static inline uint64_t xb_load64_le(const uint8_t *p)
 {
     uint64_t v;
     memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
     return v;
 }
 
@@ -73,7 +79,7 @@ static inline __attribute__((always_inline)) uint64_t xb_diffmap_generic(const u
         xb_prefetch(a + i);
         xb_prefetch(b + i);
         for (int j = 0; j < 8; j++) {
-            uint64_t x = xb_load64(a + i + 8 * j) ^ xb_load64(b + i + 8 * j);
+            uint64_t x = xb_load64_le(a + i + 8 * j) ^ xb_load64_le(b + i + 8 * j);
             if (x)
                 m |= xb_nonzero_bytes(x) << (8 * j);
         }
@@ -510,9 +516,9 @@ static void xb_decode_apply(const uint8_t *src, size_t slen, uint8_t *page)
 }
 
 /* ------------------------------------------------------------------ */
-/* Page hash: four independent multiply-rotate lanes over 8-byte words, */
-/* then an avalanche. Used for the dirty scan and the image digest.     */
-/* n is a multiple of 32.                                               */
+/* Page hash: four independent multiply-rotate lanes over little-endian */
+/* 8-byte words, then an avalanche. Used for the dirty scan and the     */
+/* image digest. n is a multiple of 32.                                 */
 /* ------------------------------------------------------------------ */
 
 #define XB_P1 0x9E3779B185EBCA87ULL
@@ -537,10 +543,10 @@ static uint64_t xb_page_hash(const uint8_t *p, size_t n)
     for (size_t i = 0; i < n; i += 32) {
         if (!(i & 63))
             xb_prefetch(p + i);
-        a0 = xb_lane(a0, xb_load64(p + i));
-        a1 = xb_lane(a1, xb_load64(p + i + 8));
-        a2 = xb_lane(a2, xb_load64(p + i + 16));
-        a3 = xb_lane(a3, xb_load64(p + i + 24));
+        a0 = xb_lane(a0, xb_load64_le(p + i));
+        a1 = xb_lane(a1, xb_load64_le(p + i + 8));
+        a2 = xb_lane(a2, xb_load64_le(p + i + 16));
+        a3 = xb_lane(a3, xb_load64_le(p + i + 24));
     }
     uint64_t h = xb_rotl(a0, 1) + xb_rotl(a1, 7) + xb_rotl(a2, 12) +
                  xb_rotl(a3, 18);

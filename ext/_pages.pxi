@@ -1,0 +1,213 @@
+# Pages: the page hash of whole blocks (page_hashes, hash_marked,
+# zero_page_hash), the dirty scan, and page lists (page_range, merge_pages,
+# select_pages, page_runs, iovecs, page_count).
+
+cdef inline uint64_t _hash_page(const uint8_t *block, Py_ssize_t length,
+                                Py_ssize_t page, Py_ssize_t ps, uint8_t *scratch) noexcept nogil:
+    cdef Py_ssize_t start = page * ps
+    cdef Py_ssize_t avail = length - start
+    if avail >= ps:
+        return xb_page_hash(block + start, ps)
+    memcpy(scratch, block + start, avail)
+    memset(scratch + avail, 0, ps - avail)
+    return xb_page_hash(scratch, ps)
+
+
+def page_count(Py_ssize_t length, Py_ssize_t page_size):
+    return (length + page_size - 1) // page_size
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def page_hashes(cbuf block, Py_ssize_t page_size=4096):
+    """Hash of every page of block (the last partial page zero-padded)."""
+    cdef Py_ssize_t length = block.shape[0], npages, p
+    _check_page_size(page_size)
+    npages = (length + page_size - 1) // page_size
+    cdef array out = clone(array("Q"), npages, False)
+    cdef uint64_t[::1] hv = out
+    cdef uint8_t scratch[XB_MAX_PAGE]
+    if npages:
+        with nogil:
+            for p in range(npages):
+                hv[p] = _hash_page(&block[0], length, p, page_size, scratch)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t page_size=4096):
+    """Hash the pages of block whose mark is set, clearing each mark before
+    reading its page (see Applier.set_blocks); returns how many. A page
+    marked again meanwhile keeps its mark for the next call."""
+    cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
+    cdef uint8_t scratch[XB_MAX_PAGE]
+    _check_page_size(page_size)
+    npages = (length + page_size - 1) // page_size
+    if marks.shape[0] < npages or hashes.shape[0] < npages:
+        raise ValueError(f"marks ({marks.shape[0]}) or hashes ({hashes.shape[0]}) hold fewer than {npages} pages")
+    if npages:
+        with nogil:
+            for p in range(npages):
+                if xb_take(&marks[p]):
+                    hashes[p] = _hash_page(&block[0], length, p, page_size, scratch)
+                    n += 1
+    return n
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t first=0, Py_ssize_t end=-1):
+    """Pages whose hash differs from hashes[p]; hashes is updated in place.
+    Only pages first <= p < end (end -1: the last page) are looked at, so
+    parts of one block can be scanned by several threads at once."""
+    cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
+    cdef uint64_t h
+    _check_page_size(page_size)
+    npages = (length + page_size - 1) // page_size
+    if hashes.shape[0] < npages:
+        raise ValueError(f"hash array holds {hashes.shape[0]} pages, block has {npages}")
+    if end < 0 or end > npages:
+        end = npages
+    first = min(max(first, 0), end)
+    cdef array out = clone(array("Q"), end - first, False)
+    cdef uint64_t[::1] ov = out
+    cdef uint8_t scratch[XB_MAX_PAGE]
+    cdef xb_guard_t guard
+    if end > first:
+        with nogil:
+            xb_guard_arm(&guard, &block[0], length)
+            for p in range(first, end):
+                h = _hash_page(&block[0], length, p, page_size, scratch)
+                if h != hashes[p]:
+                    hashes[p] = h
+                    ov[n] = p
+                    n += 1
+            xb_guard_disarm()
+        _check_guard(&guard, &block[0], length)
+    resize(out, n)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Page lists: building, merging and reading /proc/PID/pagemap entries
+# ---------------------------------------------------------------------------
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def page_range(uint64_t start, uint64_t stop):
+    """array('Q') of the page numbers start..stop-1."""
+    cdef Py_ssize_t n = <Py_ssize_t>(stop - start) if stop > start else 0, i
+    cdef array out = clone(array("Q"), n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            for i in range(n):
+                ov[i] = start + i
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
+    """Union of two ascending page lists, ascending and without duplicates."""
+    cdef Py_ssize_t na = a.shape[0], nb = b.shape[0], i = 0, j = 0, n = 0
+    cdef array out = clone(array("Q"), na + nb, False)
+    cdef uint64_t[::1] ov = out
+    cdef uint64_t v
+    if na + nb:
+        with nogil:
+            while i < na or j < nb:
+                if j >= nb or (i < na and a[i] < b[j]):
+                    v = a[i]; i += 1
+                elif i >= na or b[j] < a[i]:
+                    v = b[j]; j += 1
+                else:
+                    v = a[i]; i += 1; j += 1
+                ov[n] = v
+                n += 1
+    resize(out, n)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
+    """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set,
+    or with none of them set when any_set is False."""
+    cdef Py_ssize_t n = entries.shape[0], i, k = 0
+    cdef array out = clone(array("Q"), n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            for i in range(n):
+                if ((entries[i] & mask) != 0) == any_set:
+                    ov[k] = i
+                    k += 1
+    resize(out, k)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def page_runs(const uint64_t[::1] pages):
+    """Runs of consecutive pages in an ascending list, as array('Q') of
+    (first, count) pairs, so I/O can be done per run rather than per page."""
+    cdef Py_ssize_t n = pages.shape[0], i, k = 0
+    cdef array out = clone(array("Q"), 2 * n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            ov[0] = pages[0]
+            ov[1] = 1
+            for i in range(1, n):
+                if pages[i] == ov[2 * k] + ov[2 * k + 1]:
+                    ov[2 * k + 1] += 1
+                else:
+                    k += 1
+                    ov[2 * k] = pages[i]
+                    ov[2 * k + 1] = 1
+            k += 1
+    resize(out, 2 * k)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def iovecs(const uint64_t[::1] runs, uint64_t local_base, uint64_t remote_base, uint64_t page_size):
+    """struct iovec arrays (pointer, length pairs, as array('Q')) for page
+    runs (first, count): one local and one remote, for process_vm_readv."""
+    cdef Py_ssize_t n = runs.shape[0] // 2, i
+    cdef array local = clone(array("Q"), 2 * n, False)
+    cdef array remote = clone(array("Q"), 2 * n, False)
+    cdef uint64_t[::1] lv = local
+    cdef uint64_t[::1] rv = remote
+    if n:
+        with nogil:
+            for i in range(n):
+                lv[2 * i] = local_base + runs[2 * i] * page_size
+                rv[2 * i] = remote_base + runs[2 * i] * page_size
+                lv[2 * i + 1] = runs[2 * i + 1] * page_size
+                rv[2 * i + 1] = runs[2 * i + 1] * page_size
+    return local, remote
+
+
+_ZERO_PAGE_HASH = {}  # page size -> page hash of an all-zero page
+
+
+cpdef uint64_t zero_page_hash(Py_ssize_t page_size) except? 0:
+    """The page hash of a page of zero bytes."""
+    h = _ZERO_PAGE_HASH.get(page_size)
+    if h is None:
+        _check_page_size(page_size)
+        zeros = bytes(page_size)
+        h = _ZERO_PAGE_HASH[page_size] = xb_page_hash(<const uint8_t *><const char *>zeros, page_size)
+    return h
