@@ -6,6 +6,7 @@ lengths are buffers of 64-bit items (array("Q") / array("q"), or a
 memoryview of that format). Where the extension writes, the buffer must be
 writable.
 """
+
 import sys
 from array import array
 from collections.abc import Sequence

@@ -1,9 +1,10 @@
-"""The page hash (docs/page-hash.md), frozen by golden vectors and checked
+"""The page hash (docs/format.md, "Page hash"), frozen by golden vectors and checked
 against a pure-Python implementation of the specification.
 
 The hash is on the wire (the image digest) and in the receiver's kept
 hashes, so a change to it must break these tests on purpose.
 """
+
 import random
 
 import pytest
