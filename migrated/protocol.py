@@ -420,12 +420,17 @@ class Connection:
                         raise LocalProtocolError(f"receiver accepted capabilities it was not offered: {caps}")
                     return Welcome(caps)
                 case Control.ACK:
-                    return Ack(
+                    ack = Ack(
                         _field(p, "pass", int),
                         _field(p, "received_bytes", int),
                         _field(p, "flushed_pages", int, 0),
                         float(_field(p, "flush_ms", (int, float), 0.0)),
                     )
+                    # the sender's downtime estimate divides and multiplies by these
+                    counts = (ack.pass_number, ack.received_bytes, ack.flushed_pages)
+                    if min(counts) < 0 or max(counts) >= 1 << 63 or not 0.0 <= ack.flush_ms < 1e12:
+                        raise ValueError("pass, byte and page counts and flush_ms must be non-negative and finite")
+                    return ack
                 case Control.COMPLETE:
                     info = p.get("source_info") or {}
                     if not isinstance(info, dict):
