@@ -108,8 +108,11 @@ cdef inline int _check_page_size(Py_ssize_t n) except -1:
     return 0
 
 
-def check_page_size(Py_ssize_t n):
-    """Raise ValueError unless n is a power of two from MIN_PAGE_SIZE to MAX_PAGE_SIZE."""
+def check_page_size(n):
+    """Raise ValueError unless n is a power of two from MIN_PAGE_SIZE to
+    MAX_PAGE_SIZE. Any int: a peer's number may not fit a C integer."""
+    if not MIN_PAGE_SIZE <= n <= XB_MAX_PAGE:
+        raise ValueError(f"page size must be a power of two from {MIN_PAGE_SIZE} to {XB_MAX_PAGE}, got {n}")
     _check_page_size(n)
 
 

@@ -41,7 +41,8 @@ KEY_BLOCK_LIMIT: Final = 16777216  # 1 << 24: block indexes are below this
 KEY_PAGE_LIMIT: Final = 1099511627776  # 1 << 40: page numbers are below this
 
 def check_page_size(n: int) -> None:
-    """Raise ValueError unless n is a power of two from MIN_PAGE_SIZE to MAX_PAGE_SIZE."""
+    """Raise ValueError unless n is a power of two from MIN_PAGE_SIZE to
+    MAX_PAGE_SIZE. Any int: a peer's number may not fit a C integer."""
 
 def page_key(block_index: int, page_number: int) -> int:
     """(block_index << KEY_PAGE_BITS) | page_number; ValueError when out of range."""

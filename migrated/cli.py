@@ -192,9 +192,10 @@ async def _send_main(args: argparse.Namespace, config, source, address: tuple[st
             finally:
                 nursery.cancel_scope.cancel()
                 source.close()
-    if scope.cancelled_caught:
+    if scope.cancelled_caught:  # the signal is what the operator is told of, in any phase
         status, failure = EXIT_CANCELLED, MigrationCancelled("cancelled by a signal; the source was resumed")
-    if failure is not None and sender.error is None:  # failed or cancelled before the migration started
+        sender.fail(failure)
+    elif failure is not None and sender.error is None:  # failed before the migration started
         sender.fail(failure if isinstance(failure, MigrationError) else MigrationError(repr(failure)))  # internal
     _report(args, sender, failure)
     return status

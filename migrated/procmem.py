@@ -29,7 +29,7 @@ import structlog
 from migrated import _core, pages
 from migrated.errors import ProcessGone, SourceError
 from migrated.freeze import Freezer, permission_message
-from migrated.records import BlockInfo
+from migrated.records import MAX_BLOCK_ID_LENGTH, BlockInfo
 from migrated.source import Block, Source
 
 log = structlog.get_logger("migrated.procmem")
@@ -80,7 +80,9 @@ class Mapping:
     def block_id(self) -> str:
         if self.path in ("[heap]", "[stack]"):
             return self.path
-        return f"{self.start:x}:{self.path or 'anon'}"[:255]
+        # a block id is at most MAX_BLOCK_ID_LENGTH bytes: cut the UTF-8, not the characters
+        raw = f"{self.start:x}:{self.path or 'anon'}".encode()[:MAX_BLOCK_ID_LENGTH]
+        return raw.decode(errors="ignore")
 
 
 def parse_maps(text: str) -> list[Mapping]:

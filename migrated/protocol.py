@@ -33,7 +33,7 @@ from enum import Enum, auto
 from typing import Protocol
 
 from migrated import _core
-from migrated.errors import LocalProtocolError, PeerError, RemoteProtocolError, VersionError
+from migrated.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError, VersionError
 from migrated.records import (
     AT_CONTROL,
     BlockInfo,
@@ -53,7 +53,7 @@ VERSION = 1
 _PREAMBLE = struct.Struct(">8sI")
 PREAMBLE = _PREAMBLE.pack(MAGIC, VERSION)
 # longest page record: header, block id, XBZRLE header, a 16 KiB page
-_MAX_PAGE_RECORD = 8 + 1 + _core.MAX_BLOCK_ID_LENGTH + 3 + _core.MAX_PAGE_SIZE
+_MAX_PAGE_RECORD = _core.encode_capacity(1, _core.MAX_BLOCK_ID_LENGTH, _core.MAX_PAGE_SIZE)
 
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
@@ -232,9 +232,9 @@ class Connection:
     def send(self, event) -> bytes:
         """Bytes for ``event``; the first call also returns the preamble.
         Raises ``LocalProtocolError`` for an event the protocol forbids now."""
-        self.state = _next_state(self.role, self.state, event)
         if isinstance(event, Hello):
             check_page_size(event.page_size)
+        self.state = _next_state(self.role, self.state, event)
         out = self.frame(event)
         if isinstance(event, Welcome):
             self.capabilities = tuple(event.capabilities)
@@ -300,7 +300,10 @@ class Connection:
         starts at and whether XBZRLE records were negotiated."""
         if self.role is not Role.RECEIVER:
             raise LocalProtocolError("only a receiving connection takes page records")
-        sink.skip(self.received_bytes - self.buffered - sink.position)
+        behind = self.received_bytes - self.buffered - sink.position
+        if behind < 0:
+            raise LocalProtocolError("the page sink has seen more of the stream than this connection")
+        sink.skip(behind)
         sink.allow_xbzrle = CAP_XBZRLE in self.capabilities
         self._sink = sink
 
@@ -440,6 +443,8 @@ class Connection:
                     return Committed(_field(p, "digest", str), p.get("path", ""))
                 case Control.ERROR:
                     return Failure(str(p.get("code", "error"))[:64], str(p.get("message", ""))[:4096])
+        except ProtocolError:
+            raise  # says what is wrong already
         except (TypeError, ValueError) as exc:
             raise LocalProtocolError(f"malformed {rec.control.name} message: {exc}") from None
         raise LocalProtocolError(f"unexpected {rec.control.name} message")
@@ -479,8 +484,11 @@ def check_page_size(page_size: int) -> None:
     """Raise LocalProtocolError unless ``page_size`` is one the codec serves."""
     try:
         _core.check_page_size(page_size)
-    except ValueError as exc:
-        raise LocalProtocolError(f"page size {page_size} is not supported: {exc}") from None
+    except ValueError:
+        raise LocalProtocolError(
+            f"page size {page_size} is not supported: a power of two from {_core.MIN_PAGE_SIZE} "
+            f"to {_core.MAX_PAGE_SIZE} is"
+        ) from None
 
 
 def negotiate(offered, allowed) -> tuple[str, ...]:

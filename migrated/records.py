@@ -34,6 +34,7 @@ __all__ = [
     "frame_eos",
     "frame_mem_size",
     "parse_record",
+    "record_end",
 ]
 
 
@@ -145,6 +146,30 @@ Applier = _core.Applier
 NEED_DATA = _core.NEED_DATA  # the rest of the data is an incomplete record (or nothing)
 AT_CONTROL = _core.CONTROL  # the next record is not a page record
 encode_capacity = _core.encode_capacity
+
+
+def record_end(buf, at: int, page_size: int) -> int:
+    """Where the page record holding byte ``at`` of ``buf`` ends (``at`` itself
+    when a record starts there), for ``buf`` framed by ``encode_batch``. It
+    walks the headers from the start: for a sender completing a record cut
+    short before its last-gasp ERROR, not for a hot path."""
+    mv = memoryview(buf)
+    pos = 0
+    while pos < at:
+        (header,) = _HEADER.unpack_from(mv, pos)
+        flags = header & FLAG_MASK
+        pos += 8
+        if not flags & Flag.CONTINUE:
+            pos += 1 + mv[pos]
+        if flags & Flag.ZERO:
+            pos += 1
+        elif flags & Flag.PAGE:
+            pos += page_size
+        elif flags & Flag.XBZRLE:
+            pos += 3 + ((mv[pos + 1] << 8) | mv[pos + 2])
+        else:
+            return len(mv)  # not page records: all of it
+    return pos
 
 
 class BlockTarget(NamedTuple):
@@ -309,7 +334,7 @@ def _check_block(bid: str, length: int, page_size: int, offset: int) -> None:
         _core.check_page_size(page_size)
     except ValueError as exc:
         raise RecordError(f"block list at stream offset {offset}: block {bid!r}: {exc}", offset) from None
-    if -(-length // page_size) > _core.KEY_PAGE_LIMIT:
+    if -(-length // page_size) > _core.KEY_PAGE_LIMIT:  # not page_count(): a u64 may not fit a Py_ssize_t
         raise RecordError(
             f"block list at stream offset {offset}: block {bid!r} declares {length} bytes, "
             f"more than {_core.KEY_PAGE_LIMIT} pages",

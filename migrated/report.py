@@ -41,7 +41,7 @@ def summary(s: Sender) -> dict[str, Any]:
         "downtime_ms": ms(s.downtime),
         "expected_downtime_ms": ms(s.expected_downtime),
         "ram": {
-            "total_bytes": sum(b.info.length for b in s.blocks),
+            "total_bytes": sum(t.info.length for t in s.layout.tracked.values()),
             "transferred_bytes": s.transferred,
             "remaining_bytes": 0 if s.status is Status.COMPLETED else s.remaining_pages * page_size,
             "zero_pages": t.zero_pages,

@@ -142,7 +142,6 @@ class Sender:
         self.xbzrle = XbzrlePolicy(negotiated=False)
         self.estimate = DowntimeEstimate(config.page_size, config.max_bandwidth)
         self.layout = _Layout()
-        self.blocks: list[Block] = []
         self.passes: list[PassReport] = []
         self.transferred = 0
         self.expected_downtime = 0.0
@@ -160,6 +159,8 @@ class Sender:
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
         self._unsent: memoryview | None = None  # the rest of a write in progress
+        self._writing: memoryview | None = None  # that write, whole
+        self._writing_pages = False  # whether it is a batch of page records
         self._torn = False  # a send_all was interrupted: the stream's framing is lost
         # encode buffers, reused: a fresh 4 MiB allocation per batch would
         # fault in new memory every time (one being encoded, ENCODED_AHEAD
@@ -182,7 +183,7 @@ class Sender:
 
     @property
     def committed_path(self) -> str:
-        return self._committed.path if self._committed is not None else ""
+        return self._committed.path if self._committed is not None and self.verified else ""
 
     def fail(self, exc: MigrationError) -> dict:
         """Record the failure for the summary; returns its ``error`` entry."""
@@ -192,11 +193,13 @@ class Sender:
 
     # -- wire ------------------------------------------------------------
 
-    async def _write(self, stream: trio.abc.Stream, data) -> None:
-        """Write ``data``, in slices when rate-limited. Until it is all
-        written, ``_unsent`` holds what is left, so that a failure between
-        two slices can still complete the record stream before its ERROR."""
+    async def _write(self, stream: trio.abc.Stream, data, *, page_records: bool = False) -> None:
+        """Write ``data`` (``page_records``: a batch from encode_batch), in
+        slices when rate-limited. Until it is all written, ``_unsent`` holds
+        what is left, so that a failure can still complete the record it cut
+        short before the ERROR."""
         mv = memoryview(data)
+        self._writing, self._writing_pages = mv, page_records
         step = WRITE_SLICE if self._bucket else len(mv) or 1
         exact = sends_exactly(stream)
         for i in range(0, len(mv), step):
@@ -221,9 +224,16 @@ class Sender:
         (a record half sent would swallow the ERROR). Nothing is sent when a
         stream that cannot say how much went was interrupted mid-write: the
         receiver could not parse anything more."""
-        if not self._torn:
-            rest = bytes(self._unsent) if self._unsent is not None else b""
-            await send_last_gasp(stream, rest + self.conn.farewell(failure))
+        if self._torn:
+            return
+        rest = b""
+        if self._unsent is not None and self._writing is not None:
+            at = len(self._writing) - len(self._unsent)
+            end = len(self._writing)
+            if self._writing_pages:  # just the record cut short, not the rest of the batch
+                end = records.record_end(self._writing, at, self.config.page_size)
+            rest = bytes(self._writing[at:end])
+        await send_last_gasp(stream, rest + self.conn.farewell(failure))
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         """Read what the receiver sent into the protocol object."""
@@ -287,7 +297,7 @@ class Sender:
             log.error("fail_migration", status=str(self.status), **error, passes=len(self.passes))
             raise
         except trio.Cancelled:
-            self.fail(MigrationCancelled("cancelled by a signal; the source was resumed"))
+            self.fail(MigrationCancelled("cancelled; the source was resumed"))
             await self._last_gasp(stream, Failure("cancelled", "the sender was cancelled"))
             raise
         finally:
@@ -385,7 +395,6 @@ class Sender:
                 if extra and block.info.id in extra:
                     pages = merge_pages(extra[block.info.id], pages)
             plan.append((t, block, pages))
-        self.blocks = blocks
         return plan
 
     async def _changed(self, block: Block, hashes) -> array:
@@ -455,7 +464,7 @@ class Sender:
                 nursery.start_soon(produce)
                 async with recv_ch:
                     async for data in recv_ch:
-                        await self._write(stream, data)
+                        await self._write(stream, data, page_records=True)
         await self._write(stream, self.conn.send(EndOfPass(pass_no)))
         wire_bytes = self.transferred - sent_before
         if final:
@@ -472,7 +481,7 @@ class Sender:
     async def _final_pass(self, stream, pass_no: int, pending) -> None:
         """Freeze the source, send what is left, have the receiver commit."""
         frozen_at = trio.current_time()
-        frozen = False
+        frozen = confirmed = False
         try:
             self.source.freeze()  # in this thread: ptrace ties a tracee to one thread
             frozen = True
@@ -496,13 +505,14 @@ class Sender:
             with answer_within("commit confirmation", self.config.commit_timeout):
                 await self._until(lambda: self._committed is not None)
             if not self.verified:
-                confirmed = self._committed.digest if self._committed is not None else ""
+                digest = self._committed.digest if self._committed is not None else ""
                 raise RemoteProtocolError(
-                    f"receiver confirmed digest {confirmed[:16]}…, the sender sent {self.digest[:16]}…"
+                    f"receiver confirmed digest {digest[:16]}…, the sender sent {self.digest[:16]}…"
                 )
+            confirmed = True  # only here: a cancellation after COMMITTED arrived still resumes the source
         finally:
             self.downtime = trio.current_time() - frozen_at
-            self.source.thaw(self.verified and frozen)  # synchronous: a cancellation cannot skip it
+            self.source.thaw(confirmed and frozen)  # synchronous: a cancellation cannot skip it
 
 
 @contextlib.contextmanager

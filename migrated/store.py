@@ -36,7 +36,7 @@ import structlog
 
 from migrated import __version__
 from migrated.errors import NoSpace, RecordError, StoreError
-from migrated.pages import hash_marked, image_digest, zero_page_hash
+from migrated.pages import hash_marked, image_digest, page_count, zero_page_hash
 from migrated.records import Applier, BlockInfo, BlockTarget
 
 log = structlog.get_logger("migrated.store")
@@ -133,7 +133,7 @@ class _BlockFile:
         wire pads the last page); the common prefix keeps its content."""
         self.unmap()
         ps = info.page_size
-        alloc = (info.length + ps - 1) // ps * ps
+        alloc = page_count(info.length, ps) * ps
         try:
             if alloc < self.alloc:
                 os.ftruncate(self.fd, alloc)
@@ -196,6 +196,7 @@ class Staging:
         self.blocks: dict[str, _BlockFile] = {}
         self.order: list[str] = []
         self.applier = Applier(page_size)
+        self.applier.allow_xbzrle = False  # until the connection says it was negotiated
         self._files = 0
         self._replaced: Path | None = None  # the committed version this one replaced
 

@@ -28,6 +28,8 @@ from migrated.errors import MigrationError, PeerError
 from migrated.pages import image_digest, page_hashes
 from migrated.protocol import PREAMBLE, Connection, Hello, Role
 from migrated.records import Applier
+from migrated.report import summary
+from migrated.sender import SendConfig, Sender
 from migrated.source import FileSource
 
 MiB = 1 << 20
@@ -512,6 +514,7 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
     sent = page_hashes(bytes(len(src)))
     cache = PageCache(1 << 20)
     applier = staging.applier
+    applier.allow_xbzrle = True  # as a connection that negotiated it sets
 
     def send(first: bool) -> None:
         pages = page_range(0, len(sent)) if first else scan(src, sent, 4096)
@@ -602,6 +605,54 @@ async def _receiver_that_dies_at_commit(stream):
                 await stream.send_all(conn.send(Ack(ev.pass_number)))
             elif isinstance(ev, Complete):
                 return  # gone without a word
+
+
+async def _receiver_that_confirms_another_digest(stream):
+    """Speaks the protocol to the end, but confirms a digest it did not hold."""
+    from migrated.protocol import NEED_DATA, Ack, Committed, Complete, EndOfPass, Welcome
+
+    conn = Connection(Role.RECEIVER)
+    async with stream:
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(ev, Hello):
+                await stream.send_all(conn.send(Welcome(("xbzrle",))))
+            elif hasattr(ev, "blocks"):
+                sink = Applier(4096)
+                sink.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
+                conn.set_page_sink(sink)
+            elif isinstance(ev, EndOfPass):
+                await stream.send_all(conn.send(Ack(ev.pass_number)))
+            elif isinstance(ev, Complete):
+                await stream.send_all(conn.send(Committed("0" * 64, "/nowhere/img")))
+
+
+async def test_a_confirmation_of_another_digest_fails_and_resumes_the_writer(tmp_path, nursery):
+    src = tmp_path / "src.img"
+    make_image(src, 4 * MiB)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(trio.serve_listeners, _receiver_that_confirms_another_digest, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(60), writer(src, "--stride", "4096") as w:
+        source = SnapshotSource(str(src), pause_pid=w.pid)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        sender = Sender(source, SendConfig("other"))
+        source.open()
+        try:
+            with pytest.raises(MigrationError, match="receiver confirmed digest 0000") as info:
+                await sender.run(stream)
+        finally:
+            source.close()
+        assert source.frozen is not None and state(w.pid) != "T", "stopped for the final pass, running again"
+    assert info.value.code == "protocol"
+    s = summary(sender)
+    assert s["status"] == "failed" and not s["verified"] and s["image"] == ""
+    assert s["error"]["side"] == "receiver"
 
 
 async def test_receiver_lost_during_the_final_pass_resumes_the_writer(tmp_path, nursery):

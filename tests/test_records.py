@@ -671,3 +671,44 @@ def test_the_largest_block_a_cache_key_can_number_is_accepted():
     length = (1 << 40) * 4096
     (block,) = records.parse_record(records.frame_mem_size([BlockInfo("ram", length, 4096)]), 0).blocks
     assert block.pages == 1 << 40  # page numbers 0 .. 2^40 - 1
+
+
+def test_record_end_finds_the_end_of_the_record_a_byte_belongs_to():
+    """The sender completes the record a failure cut short, no more: every
+    byte offset of a batch maps to the end of its record, and the applier
+    takes exactly that prefix."""
+    rng = random.Random(11)
+    src = bytearray(rng.randbytes(24 * PS))
+    src[3 * PS : 5 * PS] = bytes(2 * PS)  # zero pages
+    cache = PageCache(1 << 20)
+    first, _ = encode_batch(cache, 1, b"ram", bytes(src), page_range(0, 24), first_pass=True)
+    for p in range(0, 24, 3):
+        src[p * PS + 7] ^= 0x55  # deltas for some pages
+    src[10 * PS : 11 * PS] = rng.randbytes(PS)  # one that overflows: a raw page
+    batch, st = encode_batch(cache, 1, b"ram", bytes(src), page_range(0, 24))
+    assert st.xbzrle_pages and st.zero_pages and st.normal_pages
+    ends = []
+    for at in range(len(batch) + 1):
+        end = records.record_end(batch, at, PS)
+        assert at <= end <= len(batch)
+        ends.append(end)
+    boundaries = sorted(set(ends))
+    for end in boundaries:  # each is a record boundary: the applier takes that prefix whole
+        ap = Applier(PS)
+        ap.set_blocks([(b"ram", bytearray(24 * PS))])
+        assert ap.apply(bytes(first))[1] == records.NEED_DATA
+        assert ap.apply(bytes(batch[:end])) == (end, records.NEED_DATA)
+    assert records.record_end(batch, 0, PS) == 0 and boundaries[-1] == len(batch)
+    assert len(boundaries) == st.pages + 1
+
+
+def test_a_staging_applier_refuses_xbzrle_until_the_connection_allows_it(tmp_path):
+    from migrated.store import ImageStore
+
+    staging = ImageStore(tmp_path).begin("x", PS)
+    try:
+        staging.set_blocks([BlockInfo("ram", PS, PS)])
+        with pytest.raises(RecordError, match="not negotiated"):
+            staging.applier.apply(page_record(0, 0x40, b"\x01\x00\x02\x00\x01\x41"))
+    finally:
+        staging.discard()
