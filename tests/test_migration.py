@@ -26,7 +26,19 @@ from daemons import (
 
 from migrated.errors import MigrationError, PeerError
 from migrated.pages import image_digest, page_hashes
-from migrated.protocol import PREAMBLE, Connection, Hello, Role
+from migrated.protocol import (
+    NEED_DATA,
+    PREAMBLE,
+    Ack,
+    BlockList,
+    Committed,
+    Complete,
+    Connection,
+    EndOfPass,
+    Hello,
+    Role,
+    Welcome,
+)
 from migrated.records import Applier
 from migrated.report import summary
 from migrated.sender import SendConfig, Sender
@@ -581,62 +593,42 @@ async def test_a_directory_in_the_way_is_not_overwritten(tmp_path):
     assert (images / "mine" / "precious").read_text() == "keep me"
 
 
-async def _receiver_that_dies_at_commit(stream):
-    """Speaks the protocol until COMPLETE, then drops the connection, as a
-    receiver killed during the final pass would."""
-    from migrated.protocol import NEED_DATA, Ack, Complete, EndOfPass, Welcome
+def _scripted_receiver(at_complete: Committed | None):
+    """A receiver that speaks the protocol until COMPLETE, then answers
+    ``at_complete`` or, with None, drops the connection without a word (as a
+    receiver killed during the final pass would)."""
 
-    conn = Connection(Role.RECEIVER)
-    async with stream:
-        while True:
-            ev = conn.next_event()
-            if ev is NEED_DATA:
-                data = await stream.receive_some(1 << 20)
-                if not data:
-                    return
-                conn.receive_data(data)
-            elif isinstance(ev, Hello):
-                await stream.send_all(conn.send(Welcome(("xbzrle",))))
-            elif hasattr(ev, "blocks"):
-                sink = Applier(4096)
-                sink.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
-                conn.set_page_sink(sink)
-            elif isinstance(ev, EndOfPass):
-                await stream.send_all(conn.send(Ack(ev.pass_number)))
-            elif isinstance(ev, Complete):
-                return  # gone without a word
+    async def serve(stream):
+        conn = Connection(Role.RECEIVER)
+        async with stream:
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    data = await stream.receive_some(1 << 20)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(ev, Hello):
+                    await stream.send_all(conn.send(Welcome(("xbzrle",))))
+                elif isinstance(ev, BlockList):
+                    sink = Applier(4096)
+                    sink.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
+                    conn.set_page_sink(sink)
+                elif isinstance(ev, EndOfPass):
+                    await stream.send_all(conn.send(Ack(ev.pass_number)))
+                elif isinstance(ev, Complete):
+                    if at_complete is None:
+                        return
+                    await stream.send_all(conn.send(at_complete))
 
-
-async def _receiver_that_confirms_another_digest(stream):
-    """Speaks the protocol to the end, but confirms a digest it did not hold."""
-    from migrated.protocol import NEED_DATA, Ack, Committed, Complete, EndOfPass, Welcome
-
-    conn = Connection(Role.RECEIVER)
-    async with stream:
-        while True:
-            ev = conn.next_event()
-            if ev is NEED_DATA:
-                data = await stream.receive_some(1 << 20)
-                if not data:
-                    return
-                conn.receive_data(data)
-            elif isinstance(ev, Hello):
-                await stream.send_all(conn.send(Welcome(("xbzrle",))))
-            elif hasattr(ev, "blocks"):
-                sink = Applier(4096)
-                sink.set_blocks([(b.id.encode(), bytearray(b.pages * 4096)) for b in ev.blocks])
-                conn.set_page_sink(sink)
-            elif isinstance(ev, EndOfPass):
-                await stream.send_all(conn.send(Ack(ev.pass_number)))
-            elif isinstance(ev, Complete):
-                await stream.send_all(conn.send(Committed("0" * 64, "/nowhere/img")))
+    return serve
 
 
 async def test_a_confirmation_of_another_digest_fails_and_resumes_the_writer(tmp_path, nursery):
     src = tmp_path / "src.img"
     make_image(src, 4 * MiB)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(trio.serve_listeners, _receiver_that_confirms_another_digest, listeners)
+    await nursery.start(trio.serve_listeners, _scripted_receiver(Committed("0" * 64, "/nowhere/img")), listeners)
     port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(60), writer(src, "--stride", "4096") as w:
         source = SnapshotSource(str(src), pause_pid=w.pid)
@@ -659,7 +651,7 @@ async def test_receiver_lost_during_the_final_pass_resumes_the_writer(tmp_path, 
     src = tmp_path / "src.img"
     make_image(src, 4 * MiB)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(trio.serve_listeners, _receiver_that_dies_at_commit, listeners)
+    await nursery.start(trio.serve_listeners, _scripted_receiver(None), listeners)
     port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(60), writer(src, "--stride", "4096") as w:
         source = SnapshotSource(str(src), pause_pid=w.pid)
