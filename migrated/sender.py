@@ -126,6 +126,60 @@ class _Layout:
         return changed, whole
 
 
+class _Writer:
+    """The sender's half of the stream: writes in slices when rate-limited,
+    counts what went, and keeps where a write stands, so that a failure can
+    complete the record it cut short before the last-gasp ERROR (a record
+    half sent would swallow the ERROR)."""
+
+    def __init__(self, stream: trio.abc.Stream, page_size: int, bucket: TokenBucket | None):
+        self.stream = stream
+        self.page_size = page_size
+        self.bucket = bucket
+        self.transferred = 0
+        self._exact = sends_exactly(stream)
+        self._writing: memoryview | None = None  # the write in progress, whole
+        self._page_records = False  # whether it is a batch from encode_batch
+        self._unsent: memoryview | None = None  # what is left of it
+        self._torn = False  # a write the stream cannot account for was interrupted
+
+    async def write(self, data, *, page_records: bool = False) -> None:
+        mv = memoryview(data)
+        self._writing, self._page_records = mv, page_records
+        step = WRITE_SLICE if self.bucket else len(mv) or 1
+        for i in range(0, len(mv), step):
+            self._unsent = mv[i:]
+            piece = mv[i : i + step]
+            if self.bucket:
+                await trio.sleep(self.bucket.take(len(piece), trio.current_time()))
+            self._torn = not self._exact  # until the slice is written
+            while piece:
+                try:
+                    n = await send_some(self.stream, piece)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    why = exc.__cause__ or exc
+                    raise NetworkError(f"connection to the receiver lost while sending: {why}") from None
+                piece, self._unsent = piece[n:], self._unsent[n:]
+                self.transferred += n
+            self._torn = False
+        self._unsent = None
+
+    async def last_gasp(self, farewell: bytes) -> None:
+        """Send ``farewell`` (an ERROR), after the rest of the record a
+        failure cut short. Nothing at all when a stream that cannot say how
+        much went was interrupted mid-write: the receiver could not parse it."""
+        if self._torn:
+            return
+        rest = b""
+        if self._unsent is not None and self._writing is not None:
+            at = len(self._writing) - len(self._unsent)
+            end = len(self._writing)
+            if self._page_records:  # just the record cut short, not the rest of the batch
+                end = records.record_end(self._writing, at, self.page_size)
+            rest = bytes(self._writing[at:end])
+        await send_last_gasp(self.stream, rest + farewell)
+
+
 class Sender:
     """Pre-copies one source to one receiver over a trio Stream: the pass
     loop and the wire. What to encode, when to stop iterating and how fast
@@ -143,7 +197,6 @@ class Sender:
         self.estimate = DowntimeEstimate(config.page_size, config.max_bandwidth)
         self.layout = _Layout()
         self.passes: list[PassReport] = []
-        self.transferred = 0
         self.expected_downtime = 0.0
         self.downtime: float | None = None
         self.converged = False
@@ -154,14 +207,10 @@ class Sender:
         self.finished: float | None = None
         self.dirty_rate = 0.0
         self.remaining_pages = 0  # dirty pages not yet sent, as of the last scan
-        self._bucket = TokenBucket(config.max_bandwidth, self.started) if config.max_bandwidth else None
+        self.wire: _Writer | None = None  # made by run(), on its stream
         self._acks: dict[int, float] = {}
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
-        self._unsent: memoryview | None = None  # the rest of a write in progress
-        self._writing: memoryview | None = None  # that write, whole
-        self._writing_pages = False  # whether it is a batch of page records
-        self._torn = False  # a send_all was interrupted: the stream's framing is lost
         # encode buffers, reused: a fresh 4 MiB allocation per batch would
         # fault in new memory every time (one being encoded, ENCODED_AHEAD
         # waiting, one being sent)
@@ -171,6 +220,11 @@ class Sender:
     @staticmethod
     def now() -> float:
         return trio.current_time()
+
+    @property
+    def transferred(self) -> int:
+        """Bytes written to the receiver."""
+        return self.wire.transferred if self.wire is not None else 0
 
     @property
     def totals(self) -> BatchStats:
@@ -193,47 +247,9 @@ class Sender:
 
     # -- wire ------------------------------------------------------------
 
-    async def _write(self, stream: trio.abc.Stream, data, *, page_records: bool = False) -> None:
-        """Write ``data`` (``page_records``: a batch from encode_batch), in
-        slices when rate-limited. Until it is all written, ``_unsent`` holds
-        what is left, so that a failure can still complete the record it cut
-        short before the ERROR."""
-        mv = memoryview(data)
-        self._writing, self._writing_pages = mv, page_records
-        step = WRITE_SLICE if self._bucket else len(mv) or 1
-        exact = sends_exactly(stream)
-        for i in range(0, len(mv), step):
-            self._unsent = mv[i:]
-            piece = mv[i : i + step]
-            if self._bucket:
-                await trio.sleep(self._bucket.take(len(piece), trio.current_time()))
-            self._torn = not exact  # a stream that cannot say how much went loses its framing if interrupted
-            while piece:
-                try:
-                    n = await send_some(stream, piece)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    why = exc.__cause__ or exc
-                    raise NetworkError(f"connection to the receiver lost while sending: {why}") from None
-                piece, self._unsent = piece[n:], self._unsent[n:]
-                self.transferred += n
-            self._torn = False
-        self._unsent = None
-
-    async def _last_gasp(self, stream: trio.abc.Stream, failure: Failure) -> None:
-        """Tell the receiver why, after the rest of a write that was cut short
-        (a record half sent would swallow the ERROR). Nothing is sent when a
-        stream that cannot say how much went was interrupted mid-write: the
-        receiver could not parse anything more."""
-        if self._torn:
-            return
-        rest = b""
-        if self._unsent is not None and self._writing is not None:
-            at = len(self._writing) - len(self._unsent)
-            end = len(self._writing)
-            if self._writing_pages:  # just the record cut short, not the rest of the batch
-                end = records.record_end(self._writing, at, self.config.page_size)
-            rest = bytes(self._writing[at:end])
-        await send_last_gasp(stream, rest + self.conn.farewell(failure))
+    async def _send(self, data, *, page_records: bool = False) -> None:
+        assert self.wire is not None  # run() made it
+        await self.wire.write(data, page_records=page_records)
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         """Read what the receiver sent into the protocol object."""
@@ -274,6 +290,8 @@ class Sender:
         (the receiver is told why, unless it said so itself); on cancellation
         the receiver is told too, and the status is cancelled."""
         structlog.contextvars.bind_contextvars(migration=self.config.name)
+        bucket = TokenBucket(self.config.max_bandwidth, trio.current_time()) if self.config.max_bandwidth else None
+        self.wire = wire = _Writer(stream, self.config.page_size, bucket)
         try:
             with first_migration_error():
                 async with trio.open_nursery() as nursery:
@@ -293,12 +311,12 @@ class Sender:
         except MigrationError as exc:
             error = self.fail(exc)
             if not isinstance(exc, RemoteError):
-                await self._last_gasp(stream, Failure(exc.code, str(exc)))
+                await wire.last_gasp(self.conn.farewell(Failure(exc.code, str(exc))))
             log.error("fail_migration", status=str(self.status), **error, passes=len(self.passes))
             raise
         except trio.Cancelled:
             self.fail(MigrationCancelled("cancelled; the source was resumed"))
-            await self._last_gasp(stream, Failure("cancelled", "the sender was cancelled"))
+            await wire.last_gasp(self.conn.farewell(Failure("cancelled", "the sender was cancelled")))
             raise
         finally:
             self.finished = trio.current_time()
@@ -307,7 +325,7 @@ class Sender:
     async def _handshake(self, stream: trio.abc.Stream) -> None:
         caps = CAPABILITIES if self.config.xbzrle else ()
         hello = Hello(self.config.name, self.config.page_size, caps, self.source.description)
-        await self._write(stream, self.conn.send(hello))
+        await self._send(self.conn.send(hello))
         with answer_within("handshake answer", self.config.timeout):
             while (event := self.conn.next_event()) is NEED_DATA:
                 await self._receive(stream)
@@ -382,7 +400,7 @@ class Sender:
         blocks = await trio.to_thread.run_sync(self.source.refresh)
         changed, whole = self.layout.follow(blocks)
         if changed:
-            await self._write(stream, self.conn.send(BlockList(tuple(b.info for b in blocks))))
+            await self._send(self.conn.send(BlockList(tuple(b.info for b in blocks))))
             if self.passes:
                 log.info("change_blocks", blocks=len(blocks), whole=sorted(whole))
         plan = []
@@ -464,8 +482,8 @@ class Sender:
                 nursery.start_soon(produce)
                 async with recv_ch:
                     async for data in recv_ch:
-                        await self._write(stream, data, page_records=True)
-        await self._write(stream, self.conn.send(EndOfPass(pass_no)))
+                        await self._send(data, page_records=True)
+        await self._send(self.conn.send(EndOfPass(pass_no)))
         wire_bytes = self.transferred - sent_before
         if final:
             seconds = trio.current_time() - start
@@ -491,7 +509,7 @@ class Sender:
             scan_seconds = trio.current_time() - scan_start
             report = await self._send_pass(stream, pass_no, plan, final=True)
             self.digest = image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
-            await self._write(stream, self.conn.send(Complete(self.digest, self.source.info())))
+            await self._send(self.conn.send(Complete(self.digest, self.source.info())))
             log.info(
                 "send_final_pass",
                 **{"pass": pass_no},
