@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-INTEGRATION_MODULES = {"test_cli", "test_cli_daemons", "test_migration", "test_process_source", "test_systemd"}
+INTEGRATION_MODULES = {"test_cli", "test_cli_daemons", "test_migration", "test_process_source", "test_systemd", "test_uffd"}
 
 
 def pytest_collection_modifyitems(items):

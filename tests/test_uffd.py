@@ -1,0 +1,182 @@
+"""Exact dirty tracking of another process (migrated.uffd) against a real
+child: a userfaultfd injected into it, write-protect, PAGEMAP_SCAN."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from array import array
+
+import pytest
+
+from migrated import uffd
+
+PAGE = os.sysconf("SC_PAGESIZE")
+PM_UFFD_WP = 1 << 57
+HUGE = 2 << 20
+
+# The child maps NPAGES anonymous pages (2 MiB-aligned, so that huge pages can
+# back them), prints their address, then obeys one command a line:
+#   w P...     write a byte of each page P     d P N   MADV_DONTNEED N pages at P
+#   h          ask for transparent huge pages   u       register its own userfaultfd on them
+CHILD = textwrap.dedent(
+    """
+    import ctypes, mmap, sys
+    NPAGES, PAGE, HUGE = int(sys.argv[1]), mmap.PAGESIZE, 2 << 20
+    raw = mmap.mmap(-1, NPAGES * PAGE + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    off = -start % HUGE
+    base = start + off
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    own = None
+    print(f"{base:#x}", flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "w":
+            for p in map(int, args):
+                raw[off + p * PAGE] = (raw[off + p * PAGE] + 1) & 255
+        elif cmd == "d":
+            p, n = map(int, args)
+            raw.madvise(mmap.MADV_DONTNEED, off + p * PAGE, n * PAGE)
+        elif cmd == "h":
+            raw.madvise(mmap.MADV_HUGEPAGE, off, NPAGES * PAGE)
+        elif cmd == "u":
+            own = libc.syscall(323, 0o2000000 | 1)
+            api = (ctypes.c_ulonglong * 3)(0xAA, 0, 0)
+            assert libc.ioctl(own, 0xC018AA3F, ctypes.addressof(api)) == 0
+            reg = (ctypes.c_ulonglong * 4)(base, NPAGES * PAGE, 1, 0)  # MISSING mode
+            assert libc.ioctl(own, 0xC020AA00, ctypes.addressof(reg)) == 0, ctypes.get_errno()
+        print("ok", flush=True)
+    """
+)
+
+
+class Child:
+    def __init__(self, npages: int = 2048):
+        self.npages = npages
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(npages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.pid = self.proc.pid
+        self.base = int(self.proc.stdout.readline(), 16)
+        self.length = npages * PAGE
+
+    def do(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok", f"the child failed {line!r}"
+
+    def write(self, pages) -> None:
+        if pages:
+            self.do("w " + " ".join(map(str, pages)))
+
+    def fds(self) -> list[str]:
+        return sorted(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def pagemap(self) -> array:
+        entries = array("Q")
+        with open(f"/proc/{self.pid}/pagemap", "rb", buffering=0) as fh:
+            fh.seek(self.base // PAGE * 8)
+            entries.frombytes(fh.read(8 * self.npages))
+        return entries
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def child():
+    c = Child()
+    yield c
+    c.kill()
+
+
+def test_this_machine_can_track_by_userfaultfd():
+    ok, why = uffd.probe()
+    assert ok, f"the probe says no on a kernel that has it (Linux 6.7+, x86-64): {why}"
+
+
+def test_finds_exactly_the_pages_the_child_wrote_pass_after_pass(child):
+    before = child.fds()
+    tracker = uffd.UffdTracker.attach(child.pid)
+    try:
+        assert child.fds() == before, "the descriptor made inside the child was closed there"
+        tracker.register(child.base, child.length)
+        assert list(tracker.written(child.base, child.length)) == []  # armed by register
+        rng = random.Random(5)
+        for round_ in range(6):
+            pages = sorted(rng.sample(range(child.npages), rng.choice([1, 17, 300, child.npages])))
+            child.write(pages)
+            assert list(tracker.written(child.base, child.length)) == pages, f"round {round_}"
+        assert list(tracker.written(child.base, child.length)) == []  # nothing since
+        # a part of the range only
+        child.write([3, 10, 11, 2000])
+        assert list(tracker.written(child.base + 8 * PAGE, 8 * PAGE)) == [2, 3]  # pages 10, 11
+        assert list(tracker.written(child.base, child.length)) == [3, 2000]
+    finally:
+        tracker.close()
+
+
+def test_a_page_dropped_with_madv_dontneed_counts_as_written(child):
+    tracker = uffd.UffdTracker.attach(child.pid)
+    try:
+        tracker.register(child.base, child.length)
+        child.write(range(0, 64))
+        tracker.written(child.base, child.length)
+        child.do("d 10 4")  # present -> absent: its content changed (to zeros)
+        assert list(tracker.written(child.base, child.length)) == [10, 11, 12, 13]
+    finally:
+        tracker.close()
+
+
+def test_writes_to_transparent_huge_pages_are_found_at_page_granularity(child):
+    child.do("h")
+    child.write(range(0, child.npages, 64))  # touch: huge pages where the kernel can
+    tracker = uffd.UffdTracker.attach(child.pid)
+    try:
+        tracker.register(child.base, child.length)
+        child.write([1, 513, 1025])
+        assert list(tracker.written(child.base, child.length)) == [1, 513, 1025]
+    finally:
+        tracker.close()
+
+
+def test_nothing_is_left_in_the_child_after_close(child):
+    before = child.fds()
+    tracker = uffd.UffdTracker.attach(child.pid)
+    tracker.register(child.base, child.length)
+    child.write(range(child.npages))  # every page present
+    tracker.written(child.base, child.length)
+    assert all(e & PM_UFFD_WP for e in child.pagemap()), "write-protected while tracked"
+    tracker.close()
+    assert not any(e & PM_UFFD_WP for e in child.pagemap()), "no write protection is left"
+    assert child.fds() == before
+    child.write([0, 1, 2])  # and it runs on
+    assert child.proc.poll() is None
+
+
+def test_a_range_the_child_tracks_itself_is_refused_with_the_reason(child):
+    child.write(range(child.npages))  # present: its own MISSING-mode registration then never blocks it
+    child.do("u")  # the child registers its own userfaultfd on the range
+    tracker = uffd.UffdTracker.attach(child.pid)
+    try:
+        with pytest.raises(uffd.UffdUnavailable, match="another userfaultfd already has it"):
+            tracker.register(child.base, child.length)
+        assert tracker.ranges == {}
+    finally:
+        tracker.close()
+    child.write([5])  # the child's own tracking was left alone
+    assert child.proc.poll() is None
+
+
+def test_no_such_process_is_unavailable_not_a_crash():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(uffd.UffdUnavailable, match="no process"):
+        uffd.UffdTracker.attach(proc.pid)
