@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-INTEGRATION_MODULES = {"test_cli", "test_cli_daemons", "test_migration", "test_process_source", "test_systemd", "test_uffd"}
+INTEGRATION_MODULES = {
+    "test_cli",
+    "test_cli_daemons",
+    "test_migration",
+    "test_process_source",
+    "test_systemd",
+    "test_uffd",
+}
 
 
 def pytest_collection_modifyitems(items):
