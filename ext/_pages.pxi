@@ -157,6 +157,26 @@ def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.initializedcheck(False)
+def cleared_pages(const uint64_t[::1] before, const uint64_t[::1] now, uint64_t mask):
+    """Indexes where an entry of before has a bit of mask set and the same
+    entry of now has none (pagemap: pages that went from present or swapped
+    to absent). Entries past the shorter array are not compared."""
+    cdef Py_ssize_t n = min(before.shape[0], now.shape[0]), i, k = 0
+    cdef array out = clone(array("Q"), n, False)
+    cdef uint64_t[::1] ov = out
+    if n:
+        with nogil:
+            for i in range(n):
+                if (before[i] & mask) != 0 and (now[i] & mask) == 0:
+                    ov[k] = i
+                    k += 1
+    resize(out, k)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def page_runs(const uint64_t[::1] pages):
     """Runs of consecutive pages in an ascending list, as array('Q') of
     (first, count) pairs, so I/O can be done per run rather than per page."""

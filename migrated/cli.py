@@ -334,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--dirty-tracking",
-        choices=("auto", "soft-dirty", "scan"),
+        choices=("auto", "soft-dirty", "uffd", "scan"),
         default="auto",
-        help="pid source: kernel soft-dirty bits or a page hash scan (auto probes the kernel)",
+        help="pid source: kernel soft-dirty bits, userfaultfd write-protect (Linux 6.7+, x86-64, needs ptrace "
+        "rights) or a page hash scan; auto takes the first that works here and logs why (default auto)",
     )
     s.add_argument(
         "--after",

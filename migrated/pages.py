@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from migrated import _core
 
 __all__ = [
+    "cleared_pages",
     "hash_marked",
     "image_digest",
     "merge_pages",
@@ -41,6 +42,7 @@ page_range = _core.page_range  # (start, stop) -> the pages start..stop-1
 merge_pages = _core.merge_pages  # union of two page lists
 page_runs = _core.page_runs  # runs of consecutive pages, as (first, count) pairs
 select_pages = _core.select_pages  # indexes of 64-bit entries with (or without) mask bits
+cleared_pages = _core.cleared_pages  # indexes whose mask bits were set before and are clear now
 page_count = _core.page_count  # (length, page size) -> pages, the last one partial
 
 

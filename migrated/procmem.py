@@ -16,6 +16,7 @@ always reads every present page, so the committed image is exact either way.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import mmap
@@ -31,6 +32,7 @@ from migrated.errors import ProcessGone, SourceError
 from migrated.freeze import Freezer, permission_message
 from migrated.records import MAX_BLOCK_ID_LENGTH, BlockInfo
 from migrated.source import Block, Source
+from migrated.uffd import UffdTracker, UffdUnavailable
 
 log = structlog.get_logger("migrated.procmem")
 
@@ -212,6 +214,10 @@ class ProcessSource(Source):
         self._buffers: dict[str, _Buffer] = {}
         self._mem = -1
         self._pagemap = -1
+        self.tracker: UffdTracker | None = None  # with tracking "uffd"
+        self._tracked: dict[str, int] = {}  # block id -> length registered with the tracker
+        self._entries: dict[str, array] = {}  # block id -> its pagemap entries as last read
+        self._dirty: dict[str, array] = {}  # block id -> pages the tracker found written (changed() answers)
 
     # -- set-up ----------------------------------------------------------
 
@@ -225,13 +231,29 @@ class ProcessSource(Source):
             raise SourceError(permission_message(self.pid, "read the memory of")) from None
         except FileNotFoundError:
             raise SourceError(f"no process with pid {self.pid}") from None
-        supported, why = soft_dirty_supported()
-        if self.requested_tracking == "soft-dirty" and not supported:
-            raise SourceError(f"--dirty-tracking soft-dirty: {why}; use --dirty-tracking scan (or auto)")
-        self.tracking = "soft-dirty" if supported and self.requested_tracking != "scan" else "scan"
+        self.tracking, why = self._choose_tracking()
         log.info(
             "choose_dirty_tracking", pid=self.pid, tracking=self.tracking, reason=why, requested=self.requested_tracking
         )
+
+    def _choose_tracking(self) -> tuple[str, str]:
+        """soft-dirty where the kernel has it, then userfaultfd, then the hash
+        scan (``auto``); an explicit choice that cannot be had is an error."""
+        requested = self.requested_tracking
+        if requested == "scan":
+            return "scan", "asked for"
+        soft, soft_why = soft_dirty_supported()
+        if requested == "soft-dirty" and not soft:
+            raise SourceError(f"--dirty-tracking soft-dirty: {soft_why}; use --dirty-tracking scan (or auto)")
+        if soft and requested != "uffd":
+            return "soft-dirty", soft_why
+        try:
+            self.tracker = UffdTracker.attach(self.pid)
+        except UffdUnavailable as exc:
+            if requested == "uffd":
+                raise SourceError(f"--dirty-tracking uffd: {exc}; use --dirty-tracking scan (or auto)") from None
+            return "scan", f"{soft_why}; and no userfaultfd tracking: {exc}"
+        return "uffd", f"{soft_why}; userfaultfd write-protect tracks the process's writes exactly"
 
     # -- each pass -------------------------------------------------------
 
@@ -264,16 +286,71 @@ class ProcessSource(Source):
                 if buf is not None:
                     buf.close()
                 buf = self._buffers[bid] = _Buffer(m.length)
-            read, absent = pages_to_read(pagemaps[bid], anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
+            entries = pagemaps[bid]
+            tracked = self.tracker is not None and self._track(m)
+            if tracked and buf.filled:
+                read, absent = self._written(m, entries)
+            else:
+                self._dirty.pop(bid, None)  # read whole: the sender's hash scan finds what changed
+                read, absent = pages_to_read(entries, anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
             if buf.filled and len(absent):
                 buf.zero_runs(pages.page_runs(absent))
             self._read(m, buf, pages.page_runs(read))
+            self._entries[bid] = entries
             buf.filled = True
             info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
             blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), buf.map))
         for gone in set(self._buffers) - seen:
             self._buffers.pop(gone).close()
+            self._entries.pop(gone, None)
+            self._dirty.pop(gone, None)
+            self._tracked.pop(gone, None)
         return blocks
+
+    def _track(self, m: Mapping) -> bool:
+        """Whether the tracker has mapping ``m`` (registering it when it is
+        new or resized; it is then read whole). A range it cannot have falls
+        back to the hash scan, with the reason logged once."""
+        assert self.tracker is not None
+        known = self._tracked.get(m.block_id)
+        if known == m.length:
+            return True
+        if known == -1:
+            return False
+        try:
+            self.tracker.register(m.start, m.length)
+        except UffdUnavailable as exc:
+            log.info("track_by_scan", pid=self.pid, block=m.block_id, reason=str(exc))
+            self._tracked[m.block_id] = -1
+            return False
+        self._tracked[m.block_id] = m.length
+        return True
+
+    def _written(self, m: Mapping, entries: array) -> tuple[array, array]:
+        """For a tracked block: (pages to read, pages now zero). The pages to
+        read are the ones written since the last pass; the sender sends those
+        and the ones that went from present to absent (a kernel before the
+        July 2026 fixes does not report a huge page dropped by MADV_DONTNEED
+        as written: this counts every such drop as a change)."""
+        assert self.tracker is not None
+        written = self.tracker.written(m.start, m.length)
+        if not m.anonymous:
+            self._dirty[m.block_id] = written
+            return written, array("Q")
+        before = self._entries.get(m.block_id, entries)
+        cleared = pages.cleared_pages(before, entries, PM_PRESENT | PM_SWAPPED)
+        self._dirty[m.block_id] = pages.merge_pages(written, cleared)
+        return written, cleared
+
+    def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
+        """The tracker's written pages for a tracked block (no hashing: the
+        sender's encoder updates the hashes of what it sends); the hash scan
+        otherwise."""
+        dirty = self._dirty.get(block.info.id)
+        if dirty is None:
+            return super().changed(block, hashes, first, end)
+        end = len(hashes) if end < 0 else end
+        return dirty[bisect.bisect_left(dirty, first) : bisect.bisect_left(dirty, end)]
 
     def _pagemap_of(self, m: Mapping) -> array:
         n = m.length // PAGE
@@ -365,6 +442,9 @@ class ProcessSource(Source):
         }
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()  # unregisters and unprotects everything: the target is as it was
+            self.tracker = None
         for buf in self._buffers.values():
             buf.close()
         self._buffers.clear()

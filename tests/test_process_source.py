@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 from daemons import failure_seen, migrate, running_receiver, state
+from structlog.testing import capture_logs
 
+from migrated import uffd
 from migrated._tools import loadgen
 from migrated._tools.localrun import CLI
 from migrated.errors import MigrationError, SourceError, first_migration_error
@@ -88,10 +90,12 @@ def manifest(images: Path, name: str) -> dict:
     return json.loads((images / name / "manifest.json").read_text())
 
 
-async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child):
+@pytest.mark.parametrize("tracking", ["scan", "uffd"])
+async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child, tracking):
     images = tmp_path / "images"
+    fds = sorted(os.listdir(f"/proc/{child.pid}/fd"))
     async with running_receiver(images) as rx:
-        source = ProcessSource(child.pid, after="stop")
+        source = ProcessSource(child.pid, after="stop", tracking=tracking)
         summary = await migrate(
             rx.port, source, name="proc", max_bandwidth=64 * MiB, downtime_limit=0.002, max_iterations=3
         )
@@ -100,7 +104,8 @@ async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child):
     assert summary["passes"][1]["pages"] > 0  # the work buffer really was being written
     assert state(child.pid) == "T"  # --after stop: left stopped, memory now lives at the destination
     m = manifest(images, "proc")
-    assert m["source_info"]["dirty_tracking"] in ("scan", "soft-dirty")
+    assert m["source_info"]["dirty_tracking"] == summary["dirty_tracking"] == tracking
+    assert sorted(os.listdir(f"/proc/{child.pid}/fd")) == fds  # no descriptor of ours left in it
     assert m["source_info"]["freeze"] == "ptrace"
     assert any(b["id"] == "[heap]" for b in m["blocks"])
     reasons = {item["reason"] for item in m["source_info"]["left_out"]}
@@ -130,10 +135,11 @@ class _SwappingSource(ProcessSource):
         return super().refresh()
 
 
-async def test_mappings_created_and_removed_mid_migration(tmp_path, child):
+@pytest.mark.parametrize("tracking", ["scan", "uffd"])
+async def test_mappings_created_and_removed_mid_migration(tmp_path, child, tracking):
     images = tmp_path / "images"
     async with running_receiver(images) as rx:
-        source = _SwappingSource(child, after="resume")
+        source = _SwappingSource(child, after="resume", tracking=tracking)
         summary = await migrate(
             rx.port, source, name="maps", max_bandwidth=64 * MiB, downtime_limit=0.001, max_iterations=4
         )
@@ -224,10 +230,65 @@ def test_no_such_process_and_bad_tracking(tmp_path):
         src.close()
         auto = ProcessSource(c.pid)
         auto.open()
-        assert auto.tracking == ("soft-dirty" if supported else "scan")
+        assert auto.tracking == ("soft-dirty" if supported else "uffd" if uffd.probe()[0] else "scan")
         auto.close()
     finally:
         c.kill()
+
+
+def test_auto_falls_back_to_the_scan_when_userfaultfd_is_refused(monkeypatch):
+    """Where userfaultfd tracking cannot be had (here: the injection is
+    refused as ptrace would refuse it), auto takes the hash scan and says
+    why; an explicit uffd is an error that names the way out."""
+    from migrated import procmem
+
+    def refused(pid):
+        raise uffd.UffdUnavailable(f"not allowed to trace process {pid} (ptrace refused)")
+
+    monkeypatch.setattr(procmem.UffdTracker, "attach", refused)
+    monkeypatch.setattr(procmem, "soft_dirty_supported", lambda: (False, "no soft-dirty"))
+    c = Child()
+    try:
+        with capture_logs() as logs:
+            auto = ProcessSource(c.pid)
+            auto.open()
+            auto.close()
+        assert auto.tracking == "scan"
+        (choice,) = [e for e in logs if e["event"] == "choose_dirty_tracking"]
+        assert choice["tracking"] == "scan" and "ptrace refused" in choice["reason"]
+        with pytest.raises(SourceError, match="--dirty-tracking uffd: not allowed.*use --dirty-tracking scan"):
+            ProcessSource(c.pid, tracking="uffd").open()
+    finally:
+        c.kill()
+
+
+async def test_a_block_the_target_tracks_itself_falls_back_to_the_scan(tmp_path, child, monkeypatch):
+    """A range the tracker cannot register (another userfaultfd has it) is
+    read whole each pass and hash-scanned; the others stay tracked, and the
+    image is still the frozen process."""
+    from migrated import procmem
+
+    register = procmem.UffdTracker.register
+
+    def busy_for_a(self, start, length):
+        if start == child.a:
+            raise uffd.UffdUnavailable(f"cannot track writes to {start:#x}: another userfaultfd already has it")
+        register(self, start, length)
+
+    monkeypatch.setattr(procmem.UffdTracker, "register", busy_for_a)
+    images = tmp_path / "images"
+    with capture_logs() as logs:
+        async with running_receiver(images) as rx:
+            source = ProcessSource(child.pid, after="resume", tracking="uffd")
+            summary = await migrate(
+                rx.port, source, name="mixed", max_bandwidth=64 * MiB, downtime_limit=0.002, max_iterations=3
+            )
+    assert summary["status"] == "completed" and summary["dirty_tracking"] == "uffd"
+    fell_back = [e for e in logs if e["event"] == "track_by_scan"]
+    assert len(fell_back) == 1 and "another userfaultfd" in fell_back[0]["reason"]
+    for block in manifest(images, "mixed")["blocks"]:
+        if block["start"] == child.a:
+            assert (images / "mixed" / block["file"]).read_bytes() == b"\xa1" * block["length"]
 
 
 def test_this_kernel_reports_its_soft_dirty_support_with_a_reason():
