@@ -87,6 +87,20 @@ class Mapping:
         return raw.decode(errors="ignore")
 
 
+def block_ids(chosen: list[Mapping]) -> list[str]:
+    """The block id of each mapping, unique: the heap or stack split in two
+    VMAs (a part registered for tracking does not merge with its growth)
+    gives its first part the plain name and the others their address."""
+    ids, seen = [], set()
+    for m in chosen:
+        bid = m.block_id
+        if bid in seen:
+            bid = f"{m.start:x}:{m.path}"
+        seen.add(bid)
+        ids.append(bid)
+    return ids
+
+
 def parse_maps(text: str) -> list[Mapping]:
     out = []
     for line in text.splitlines():
@@ -275,11 +289,11 @@ class ProcessSource(Source):
         soft = self.tracking == "soft-dirty" and not self.frozen
         blocks = []
         seen = set()
-        pagemaps = {m.block_id: self._pagemap_of(m) for m in chosen}
+        ids = block_ids(chosen)
+        pagemaps = {bid: self._pagemap_of(m) for m, bid in zip(chosen, ids, strict=True)}
         if soft:
             self._clear_soft_dirty()
-        for m in chosen:
-            bid = m.block_id
+        for m, bid in zip(chosen, ids, strict=True):
             seen.add(bid)
             buf = self._buffers.get(bid)
             if buf is None or buf.length != m.length:
@@ -287,9 +301,9 @@ class ProcessSource(Source):
                     buf.close()
                 buf = self._buffers[bid] = _Buffer(m.length)
             entries = pagemaps[bid]
-            tracked = self.tracker is not None and self._track(m)
+            tracked = self.tracker is not None and self._track(m, bid)
             if tracked and buf.filled:
-                read, absent = self._written(m, entries)
+                read, absent = self._written(m, bid, entries)
             else:
                 self._dirty.pop(bid, None)  # read whole: the sender's hash scan finds what changed
                 read, absent = pages_to_read(entries, anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
@@ -307,12 +321,12 @@ class ProcessSource(Source):
             self._tracked.pop(gone, None)
         return blocks
 
-    def _track(self, m: Mapping) -> bool:
+    def _track(self, m: Mapping, bid: str) -> bool:
         """Whether the tracker has mapping ``m`` (registering it when it is
         new or resized; it is then read whole). A range it cannot have falls
         back to the hash scan, with the reason logged once."""
         assert self.tracker is not None
-        known = self._tracked.get(m.block_id)
+        known = self._tracked.get(bid)
         if known == m.length:
             return True
         if known == -1:
@@ -320,13 +334,13 @@ class ProcessSource(Source):
         try:
             self.tracker.register(m.start, m.length)
         except UffdUnavailable as exc:
-            log.info("track_by_scan", pid=self.pid, block=m.block_id, reason=str(exc))
-            self._tracked[m.block_id] = -1
+            log.info("track_by_scan", pid=self.pid, block=bid, reason=str(exc))
+            self._tracked[bid] = -1
             return False
-        self._tracked[m.block_id] = m.length
+        self._tracked[bid] = m.length
         return True
 
-    def _written(self, m: Mapping, entries: array) -> tuple[array, array]:
+    def _written(self, m: Mapping, bid: str, entries: array) -> tuple[array, array]:
         """For a tracked block: (pages to read, pages now zero). The pages to
         read are the ones written since the last pass; the sender sends those
         and the ones that went from present to absent (a kernel before the
@@ -335,11 +349,11 @@ class ProcessSource(Source):
         assert self.tracker is not None
         written = self.tracker.written(m.start, m.length)
         if not m.anonymous:
-            self._dirty[m.block_id] = written
+            self._dirty[bid] = written
             return written, array("Q")
-        before = self._entries.get(m.block_id, entries)
+        before = self._entries.get(bid, entries)
         cleared = pages.cleared_pages(before, entries, PM_PRESENT | PM_SWAPPED)
-        self._dirty[m.block_id] = pages.merge_pages(written, cleared)
+        self._dirty[bid] = pages.merge_pages(written, cleared)
         return written, cleared
 
     def changed(self, block: Block, hashes, first: int = 0, end: int = -1):

@@ -550,3 +550,16 @@ async def test_pread_fallback_reads_what_process_vm_readv_cannot(tmp_path, child
     for block in manifest(images, "fallback")["blocks"]:
         image = (images / "fallback" / block["file"]).read_bytes()
         assert image == child.read(block["start"], block["length"]), block["id"]
+
+
+def test_a_heap_in_two_mappings_is_two_blocks():
+    """The heap (or stack) split in two VMAs, as a tracked part and its growth
+    are: two blocks, the first with the plain name, ids unique."""
+    from migrated.procmem import block_ids
+
+    maps = parse_maps(
+        "555555554000-555555560000 rw-p 00000000 00:00 0    [heap]\n"
+        "555555560000-555555580000 rw-p 00000000 00:00 0    [heap]\n"
+        "7ffff7dd0000-7ffff7dd4000 rw-p 00000000 00:00 0\n"
+    )
+    assert block_ids(maps) == ["[heap]", "555555560000:[heap]", "7ffff7dd0000:anon"]
