@@ -37,7 +37,8 @@ _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 
 
-def _ptrace(request: int, tid: int, data: int = 0) -> None:
+def ptrace(request: int, tid: int, data: int = 0) -> None:
+    """ptrace(request, tid, NULL, data); OSError on failure (the freezer's and the uffd injection's)."""
     if _libc.ptrace(request, tid, None, ctypes.c_void_p(data)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -118,7 +119,7 @@ class Freezer:
                 break
             for tid in new:
                 try:
-                    _ptrace(PTRACE_SEIZE, tid)
+                    ptrace(PTRACE_SEIZE, tid)
                 except OSError as exc:
                     if exc.errno == errno.ESRCH:
                         continue  # the thread exited meanwhile
@@ -126,7 +127,7 @@ class Freezer:
                         raise PermissionError(exc.errno, exc.strerror) from None
                     raise FreezeError(f"cannot seize thread {tid} of process {self.pid}: {exc.strerror}") from None
                 self.seized.append(tid)
-                _ptrace(PTRACE_INTERRUPT, tid)
+                ptrace(PTRACE_INTERRUPT, tid)
             if time.monotonic() > deadline:
                 raise FreezeError(f"process {self.pid} keeps creating threads; could not freeze it")
         waiting = list(self.seized)
@@ -166,7 +167,7 @@ class Freezer:
     def _detach_all(self) -> None:
         for tid in self.seized:
             try:
-                _ptrace(PTRACE_DETACH, tid)
+                ptrace(PTRACE_DETACH, tid)
             except OSError:
                 pass  # exited, or already gone with its process
         self.seized = []

@@ -29,16 +29,15 @@ from array import array
 
 import structlog
 
-from migrated.errors import SourceError
+from migrated.errors import ProcessGone, SourceError
+from migrated.freeze import PTRACE_DETACH, PTRACE_INTERRUPT, PTRACE_SEIZE, WALL, ptrace
 
 log = structlog.get_logger("migrated.uffd")
 
 PAGE = os.sysconf("SC_PAGESIZE")
 
 # ptrace (x86-64)
-PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_SINGLESTEP, PTRACE_DETACH = 12, 13, 9, 17
-PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
-WALL = 0x40000000
+PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_SINGLESTEP = 12, 13, 9  # the others are freeze's
 SYS_CLOSE, SYS_USERFAULTFD, SYS_PIDFD_GETFD = 3, 323, 438
 O_CLOEXEC = 0o2000000
 UFFD_USER_MODE_ONLY = 1
@@ -89,21 +88,12 @@ class _Region(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.restype = ctypes.c_int
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
-def _ptrace(request: int, pid: int, addr: int = 0, data: object = 0) -> None:
-    arg = data if isinstance(data, ctypes.c_void_p) else ctypes.c_void_p(int(data))  # type: ignore[call-overload]
-    if _libc.ptrace(request, pid, ctypes.c_void_p(addr), arg) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
+def _ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array) -> int:
     rc = _libc.ioctl(fd, request, ctypes.addressof(arg))
     if rc < 0:
         e = ctypes.get_errno()
@@ -132,11 +122,12 @@ def probe() -> tuple[bool, str]:
 
 def _enable_async_wp(fd: int) -> None:
     api = (ctypes.c_ulonglong * 3)(UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0)
-    rc = _libc.ioctl(fd, UFFDIO_API, ctypes.addressof(api))
-    if rc < 0:
-        e = ctypes.get_errno()
-        why = os.strerror(e)
-        raise UffdUnavailable(f"the kernel has no asynchronous userfaultfd write-protect (UFFDIO_API: {why})")
+    try:
+        _ioctl(fd, UFFDIO_API, api)
+    except OSError as exc:
+        raise UffdUnavailable(
+            f"the kernel has no asynchronous userfaultfd write-protect (UFFDIO_API: {exc.strerror})"
+        ) from None
 
 
 class UffdTracker:
@@ -175,11 +166,13 @@ class UffdTracker:
         userfaultfd has it: EBUSY; a kind of memory that cannot be
         write-protected: EINVAL)."""
         reg = (ctypes.c_ulonglong * 4)(start, length, UFFDIO_REGISTER_MODE_WP, 0)
-        rc = _libc.ioctl(self.fd, UFFDIO_REGISTER, ctypes.addressof(reg))
-        if rc < 0:
-            e = ctypes.get_errno()
-            why = "another userfaultfd already has it" if e == errno.EBUSY else os.strerror(e)
-            raise UffdUnavailable(f"cannot track writes to {start:#x}+{length:#x} of process {self.pid}: {why}")
+        try:
+            _ioctl(self.fd, UFFDIO_REGISTER, reg)
+        except OSError as exc:
+            why = "another userfaultfd already has it" if exc.errno == errno.EBUSY else exc.strerror
+            raise UffdUnavailable(
+                f"cannot track writes to {start:#x}+{length:#x} of process {self.pid}: {why}"
+            ) from None
         self.ranges[start] = length
         self.written(start, length)  # arms the write protection; what it reports is sent whole anyway
 
@@ -209,8 +202,6 @@ class UffdTracker:
                 n = _ioctl(self._pagemap, PAGEMAP_SCAN, arg)
             except OSError as exc:
                 if exc.errno == errno.ESRCH:
-                    from migrated.errors import ProcessGone
-
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
                 raise SourceError(f"PAGEMAP_SCAN of process {self.pid} failed: {exc.strerror}") from None
             for r in self._regions[:n]:  # regions, not pages: a few per pass
@@ -264,7 +255,7 @@ def _syscall_address(pid: int) -> int:
 
 
 def _step(pid: int) -> int:
-    _ptrace(PTRACE_SINGLESTEP, pid)
+    ptrace(PTRACE_SINGLESTEP, pid)
     return _wait_stop(pid)
 
 
@@ -276,10 +267,10 @@ def _run_syscall(pid: int, at: int, saved: _Regs, pending: list[int], number: in
     regs.rip, regs.rax, regs.orig_rax = at, number, 2**64 - 1
     for name, value in zip(("rdi", "rsi", "rdx"), args, strict=False):
         setattr(regs, name, value)
-    _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(regs)))
+    ptrace(PTRACE_SETREGS, pid, ctypes.addressof(regs))
     while (sig := _step(pid)) != signal.SIGTRAP:
         pending.append(sig)
-    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(regs)))
+    ptrace(PTRACE_GETREGS, pid, ctypes.addressof(regs))
     rax = regs.rax
     return rax - 2**64 if rax >= 2**63 else rax
 
@@ -289,7 +280,7 @@ def _inject_userfaultfd(pid: int) -> int:
     closed there; every register restored. Raises UffdUnavailable."""
     try:
         at = _syscall_address(pid)
-        _ptrace(PTRACE_SEIZE, pid)
+        ptrace(PTRACE_SEIZE, pid)
     except PermissionError:
         raise UffdUnavailable(f"not allowed to trace process {pid} (ptrace refused)") from None
     except (FileNotFoundError, ProcessLookupError):
@@ -300,10 +291,10 @@ def _inject_userfaultfd(pid: int) -> int:
     pending: list[int] = []  # signals that arrived while the target was ours
     have_saved = restored = False
     try:
-        _ptrace(PTRACE_INTERRUPT, pid)
+        ptrace(PTRACE_INTERRUPT, pid)
         if (sig := _wait_stop(pid)) != signal.SIGTRAP:
             pending.append(sig)
-        _ptrace(PTRACE_GETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(saved)))
+        ptrace(PTRACE_GETREGS, pid, ctypes.addressof(saved))
         have_saved = True
         remote = _run_syscall(pid, at, saved, pending, SYS_USERFAULTFD, O_CLOEXEC | UFFD_USER_MODE_ONLY)
         if remote < 0:
@@ -319,16 +310,16 @@ def _inject_userfaultfd(pid: int) -> int:
             _run_syscall(pid, at, saved, pending, SYS_CLOSE, remote)
         if local < 0:
             raise UffdUnavailable(f"pidfd_getfd() of process {pid}'s userfaultfd failed: {os.strerror(err)}")
-        _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(saved)))
+        ptrace(PTRACE_SETREGS, pid, ctypes.addressof(saved))
         restored = True
         return int(local)
     finally:
         if have_saved and not restored:
             try:
-                _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(saved)))
+                ptrace(PTRACE_SETREGS, pid, ctypes.addressof(saved))
             except OSError:
                 pass
         try:
-            _ptrace(PTRACE_DETACH, pid, 0, pending[0] if pending else 0)
+            ptrace(PTRACE_DETACH, pid, pending[0] if pending else 0)
         except OSError:
             pass

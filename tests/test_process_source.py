@@ -500,7 +500,7 @@ def test_sigstop_fallback_when_ptrace_is_refused(child, monkeypatch):
     def refuse(request, tid, data=0):
         raise OSError(1, "Operation not permitted")
 
-    monkeypatch.setattr(freeze, "_ptrace", refuse)
+    monkeypatch.setattr(freeze, "ptrace", refuse)
     f = freeze.Freezer(child.pid)
     assert f.freeze() == "sigstop"
     assert state(child.pid) == "T"
