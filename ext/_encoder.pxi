@@ -36,16 +36,26 @@ cpdef Py_ssize_t encode_capacity(Py_ssize_t npages, Py_ssize_t id_length, Py_ssi
 @cython.wraparound(False)
 @cython.initializedcheck(False)
 def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf block,
-                 const uint64_t[::1] pages, int options, hashes=None, into=None):
+                 const uint64_t[::1] pages, int options, hashes=None, into=None,
+                 Py_ssize_t gathered_pages=-1):
     """Frame the records for `pages` of one block into a new bytearray, or
     into `into` (a writable buffer of at least encode_capacity() bytes).
+
+    `block` is the whole block (page p at byte p * page size), or, with
+    gathered_pages >= 0, just the batch's pages read into a buffer in order
+    (page i of `pages` at byte i * page size) of a block of gathered_pages
+    pages: a source that does not keep a copy of its memory reads each batch
+    into one reused buffer.
 
     Returns (data, counters): data is the bytearray, or a memoryview of the
     used part of `into`; counters are ordered as BATCH_COUNTERS.
     """
     cdef Py_ssize_t ps = cache.page_size, length = block.shape[0]
-    cdef Py_ssize_t npages_block = (length + ps - 1) // ps
     cdef Py_ssize_t n = pages.shape[0], i, idlen = len(block_id)
+    cdef bint gathered = gathered_pages >= 0
+    cdef Py_ssize_t npages_block = gathered_pages if gathered else (length + ps - 1) // ps
+    if gathered and length // ps < n:
+        raise ValueError(f"gathered buffer of {length} bytes is too small for {n} pages")
     cdef Py_ssize_t limit = ps - 3       # an XBZRLE record never outgrows a PAGE record
     cdef uint64_t[::1] hv
     cdef bint with_hashes = hashes is not None
@@ -85,6 +95,7 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
     cdef bint first = True
     cdef bint use_cache = cache.max_entries > 0
     cdef uint8_t *pg
+    cdef Py_ssize_t at
     cdef uint64_t zero_hash = zero_page_hash(ps)
     cdef xb_guard_t guard
     with nogil:
@@ -104,8 +115,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
             # once. Only a delta needs a second copy (the delta is written
             # over that place).
             pg = out + d
-            avail = length - <Py_ssize_t>p * ps
-            if avail >= ps and xb_is_zero(&block[p * ps], ps):
+            at = i * ps if gathered else <Py_ssize_t>p * ps
+            avail = ps if gathered else length - at
+            if avail >= ps and xb_is_zero(&block[at], ps):
                 # A zero page needs no snapshot: what is sent (fill 0), hashed
                 # and cached is the constant, whatever a writer does meanwhile
                 if with_hashes:
@@ -120,9 +132,9 @@ def encode_batch(PageCache cache, uint64_t block_index, bytes block_id, cbuf blo
                 first = False
                 continue
             if avail >= ps:
-                memcpy(pg, &block[p * ps], ps)
+                memcpy(pg, &block[at], ps)
             else:
-                memcpy(pg, &block[p * ps], avail)
+                memcpy(pg, &block[at], avail)
                 memset(pg + avail, 0, ps - avail)
             if xb_is_uniform(pg, ps):
                 if with_hashes:

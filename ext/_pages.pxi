@@ -60,19 +60,24 @@ def hash_marked(cbuf block, uint8_t[::1] marks, uint64_t[::1] hashes, Py_ssize_t
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.initializedcheck(False)
-def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t first=0, Py_ssize_t end=-1):
+def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t first=0, Py_ssize_t end=-1,
+         Py_ssize_t base=0):
     """Pages whose hash differs from hashes[p]; hashes is updated in place.
     Only pages first <= p < end (end -1: the last page) are looked at, so
-    parts of one block can be scanned by several threads at once."""
+    parts of one block can be scanned by several threads at once. `block`
+    holds the pages from `base` on (base > 0: a piece of a larger block read
+    through a buffer): page p is at byte (p - base) * page_size."""
     cdef Py_ssize_t length = block.shape[0], npages, p, n = 0
     cdef uint64_t h
     _check_page_size(page_size)
-    npages = (length + page_size - 1) // page_size
+    if base < 0:
+        raise ValueError("base must not be negative")
+    npages = base + (length + page_size - 1) // page_size
     if hashes.shape[0] < npages:
         raise ValueError(f"hash array holds {hashes.shape[0]} pages, block has {npages}")
     if end < 0 or end > npages:
         end = npages
-    first = min(max(first, 0), end)
+    first = min(max(first, base), end)
     cdef array out = clone(array("Q"), end - first, False)
     cdef uint64_t[::1] ov = out
     cdef uint8_t scratch[XB_MAX_PAGE]
@@ -81,7 +86,7 @@ def scan(cbuf block, uint64_t[::1] hashes, Py_ssize_t page_size=4096, Py_ssize_t
         with nogil:
             xb_guard_arm(&guard, &block[0], length)
             for p in range(first, end):
-                h = _hash_page(&block[0], length, p, page_size, scratch)
+                h = _hash_page(&block[0], length, p - base, page_size, scratch)
                 if h != hashes[p]:
                     hashes[p] = h
                     ov[n] = p
@@ -138,6 +143,27 @@ def merge_pages(const uint64_t[::1] a, const uint64_t[::1] b):
 @cython.boundscheck(False)
 @cython.wraparound(False)
 @cython.initializedcheck(False)
+def difference_pages(const uint64_t[::1] a, const uint64_t[::1] b):
+    """The pages of ascending list a that are not in ascending list b."""
+    cdef Py_ssize_t na = a.shape[0], nb = b.shape[0], i = 0, j = 0, n = 0
+    cdef array out = clone(array("Q"), na, False)
+    cdef uint64_t[::1] ov = out
+    if na:
+        with nogil:
+            while i < na:
+                while j < nb and b[j] < a[i]:
+                    j += 1
+                if j >= nb or b[j] != a[i]:
+                    ov[n] = a[i]
+                    n += 1
+                i += 1
+    resize(out, n)
+    return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
 def select_pages(const uint64_t[::1] entries, uint64_t mask, bint any_set=True):
     """Indexes of the 64-bit entries (e.g. pagemap) with any bit of mask set,
     or with none of them set when any_set is False."""
@@ -174,52 +200,6 @@ def cleared_pages(const uint64_t[::1] before, const uint64_t[::1] now, uint64_t 
     return out
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-@cython.initializedcheck(False)
-def page_runs(const uint64_t[::1] pages):
-    """Runs of consecutive pages in an ascending list, as array('Q') of
-    (first, count) pairs, so I/O can be done per run rather than per page."""
-    cdef Py_ssize_t n = pages.shape[0], i, k = 0
-    cdef array out = clone(array("Q"), 2 * n, False)
-    cdef uint64_t[::1] ov = out
-    if n:
-        with nogil:
-            ov[0] = pages[0]
-            ov[1] = 1
-            for i in range(1, n):
-                if pages[i] == ov[2 * k] + ov[2 * k + 1]:
-                    ov[2 * k + 1] += 1
-                else:
-                    k += 1
-                    ov[2 * k] = pages[i]
-                    ov[2 * k + 1] = 1
-            k += 1
-    resize(out, 2 * k)
-    return out
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-@cython.initializedcheck(False)
-def iovecs(const uint64_t[::1] runs, uint64_t local_base, uint64_t remote_base, uint64_t page_size):
-    """struct iovec arrays (pointer, length pairs, as array('Q')) for page
-    runs (first, count): one local and one remote, for process_vm_readv."""
-    cdef Py_ssize_t n = runs.shape[0] // 2, i
-    cdef array local = clone(array("Q"), 2 * n, False)
-    cdef array remote = clone(array("Q"), 2 * n, False)
-    cdef uint64_t[::1] lv = local
-    cdef uint64_t[::1] rv = remote
-    if n:
-        with nogil:
-            for i in range(n):
-                lv[2 * i] = local_base + runs[2 * i] * page_size
-                rv[2 * i] = remote_base + runs[2 * i] * page_size
-                lv[2 * i + 1] = runs[2 * i + 1] * page_size
-                rv[2 * i + 1] = runs[2 * i + 1] * page_size
-    return local, remote
-
-
 _ZERO_PAGE_HASH = {}  # page size -> page hash of an all-zero page
 
 
@@ -231,3 +211,46 @@ cpdef uint64_t zero_page_hash(Py_ssize_t page_size) except? 0:
         zeros = bytes(page_size)
         h = _ZERO_PAGE_HASH[page_size] = xb_page_hash(<const uint8_t *><const char *>zeros, page_size)
     return h
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def gather_iovecs(wbuf into, const uint64_t[::1] pages, const uint64_t[::1] zeros, uint64_t remote_base,
+                  Py_ssize_t page_size):
+    """To read `pages` (ascending) of a mapping at remote_base into `into`,
+    page i of the list at byte i * page_size: (local, remote) struct iovec
+    arrays (pointer, length pairs, as array('Q')) for process_vm_readv, runs
+    of consecutive pages merged. Pages also in `zeros` (ascending: pages
+    known to be zero) are not read: their places are zero-filled here."""
+    cdef Py_ssize_t n = pages.shape[0], nz = zeros.shape[0], i, j = 0, k = 0
+    _check_page_size(page_size)
+    if into.shape[0] // page_size < n:
+        raise ValueError(f"buffer of {into.shape[0]} bytes is too small for {n} pages")
+    cdef array local = clone(array("Q"), 2 * n, False)
+    cdef array remote = clone(array("Q"), 2 * n, False)
+    cdef uint64_t[::1] lv = local
+    cdef uint64_t[::1] rv = remote
+    cdef uint64_t base = <uint64_t>&into[0] if n else 0, la, ra, ps = page_size
+    if n:
+        with nogil:
+            for i in range(n):
+                while j < nz and zeros[j] < pages[i]:
+                    j += 1
+                la = base + <uint64_t>i * ps
+                if j < nz and zeros[j] == pages[i]:
+                    memset(<void *>la, 0, ps)
+                    continue
+                ra = remote_base + pages[i] * ps
+                if k and lv[2 * k - 2] + lv[2 * k - 1] == la and rv[2 * k - 2] + rv[2 * k - 1] == ra:
+                    lv[2 * k - 1] += ps
+                    rv[2 * k - 1] += ps
+                else:
+                    lv[2 * k] = la
+                    rv[2 * k] = ra
+                    lv[2 * k + 1] = ps
+                    rv[2 * k + 1] = ps
+                    k += 1
+    resize(local, 2 * k)
+    resize(remote, 2 * k)
+    return local, remote

@@ -23,6 +23,7 @@ from migrated import _core
 
 __all__ = [
     "cleared_pages",
+    "difference_pages",
     "hash_marked",
     "image_digest",
     "merge_pages",
@@ -30,7 +31,6 @@ __all__ = [
     "page_hashes",
     "page_numbers",
     "page_range",
-    "page_runs",
     "scan",
     "select_pages",
     "zero_page_hash",
@@ -40,7 +40,7 @@ __all__ = [
 
 page_range = _core.page_range  # (start, stop) -> the pages start..stop-1
 merge_pages = _core.merge_pages  # union of two page lists
-page_runs = _core.page_runs  # runs of consecutive pages, as (first, count) pairs
+difference_pages = _core.difference_pages  # the pages of one list not in another
 select_pages = _core.select_pages  # indexes of 64-bit entries with (or without) mask bits
 cleared_pages = _core.cleared_pages  # indexes whose mask bits were set before and are clear now
 page_count = _core.page_count  # (length, page size) -> pages, the last one partial

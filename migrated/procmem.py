@@ -1,17 +1,21 @@
 """A live process as a migration source, read through /proc.
 
 Blocks are the process's private writable mappings (heap, stack, anonymous
-memory, writable private file mappings such as .data/.bss). Each pass copies
-them into private buffers of ours with ``process_vm_readv`` in batches of up
-to 1024 ranges, falling back to ``pread`` on ``/proc/PID/mem`` for ranges it
-cannot read (PROT_NONE). Anonymous pages that ``/proc/PID/pagemap`` reports
-neither present nor swapped are zero and are not read.
+memory, writable private file mappings such as .data/.bss). Nothing keeps a
+copy of them: the pages the sender asks for are read batch by batch into a
+buffer it reuses (``gather``), with ``process_vm_readv`` in runs of up to
+1024 ranges, falling back to ``pread`` on ``/proc/PID/mem`` for ranges it
+cannot read. Anonymous pages that ``/proc/PID/pagemap`` reports neither
+present nor swapped are zero and are not read. So the sender's memory is its
+cache and a few batch buffers, whatever the size of the process.
 
-Dirty tracking: where the kernel has soft-dirty bits (found by a probe on a
-page of our own, never assumed) a pre-copy pass reads only the pages marked
-soft-dirty since the last pass; otherwise every present page is read and the
-hash scan finds what changed. The final pass, with the process frozen,
-always reads every present page, so the committed image is exact either way.
+Dirty tracking: userfaultfd write-protect (``uffd``) or soft-dirty bits,
+where the kernel has them (found by probes, never assumed), say which pages
+were written since the last pass, and only those are read and sent;
+otherwise every present page is read through a buffer and hashed, and the
+scan finds what changed. The final pass, with the process frozen, asks the
+tracker once more (or scans every present page), so the committed image is
+exact either way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ctypes
 import errno
 import mmap
 import os
+import queue
 import re
 from array import array
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
 PM_SOFT_DIRTY = 1 << 55
 IOV_MAX = 1024
+SCAN_CHUNK_PAGES = 1024  # pages a hash scan reads at once (4 MiB of 4 KiB pages), per scanning thread
 SKIPPED_NAMES = {"[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]", "[uprobes]"}
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ([r-][w-][x-][ps]) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 
@@ -49,7 +55,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [
     ctypes.c_int,
-    ctypes.c_void_p,  # struct iovec *, built by _core.iovecs
+    ctypes.c_void_p,  # struct iovec *, built by _core.gather_iovecs
     ctypes.c_ulong,
     ctypes.c_void_p,
     ctypes.c_ulong,
@@ -168,38 +174,6 @@ def soft_dirty_supported() -> tuple[bool, str]:
         m.close()
 
 
-def pages_to_read(entries: array, *, anonymous: bool, soft_dirty_only: bool) -> tuple[array, array]:
-    """From a block's pagemap entries: (pages to read, pages known to be zero).
-
-    Anonymous pages neither present nor swapped are zero. A file-backed
-    private page that is not present still holds the file's bytes, so it is
-    read. With ``soft_dirty_only`` only soft-dirty pages are read."""
-    if anonymous:
-        absent = pages.select_pages(entries, PM_PRESENT | PM_SWAPPED, False)
-        mask = PM_SOFT_DIRTY if soft_dirty_only else PM_PRESENT | PM_SWAPPED
-        return pages.select_pages(entries, mask), absent
-    if soft_dirty_only:
-        return pages.select_pages(entries, PM_SOFT_DIRTY), array("Q")
-    return pages.page_range(0, len(entries)), array("Q")
-
-
-class _Buffer:
-    """Our private copy of one mapping."""
-
-    def __init__(self, length: int):
-        self.length = length
-        self.map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        self.filled = False
-
-    def zero_runs(self, runs: array) -> None:
-        for i in range(0, len(runs), 2):
-            self.map.madvise(mmap.MADV_DONTNEED, runs[i] * PAGE, runs[i + 1] * PAGE)
-
-    def close(self) -> None:
-        self.map.close()
-
-
 class ProcessSource(Source):
     """A live process as a source: one block per private writable mapping
     (the rest is left out, each with its reason, in ``info()``). Each pass
@@ -225,13 +199,18 @@ class ProcessSource(Source):
         self.freeze_method = ""
         self.left_out: list[dict] = []
         self.unreadable_pages = 0
-        self._buffers: dict[str, _Buffer] = {}
         self._mem = -1
         self._pagemap = -1
         self.tracker: UffdTracker | None = None  # with tracking "uffd"
-        self._tracked: dict[str, int] = {}  # block id -> length registered with the tracker
-        self._entries: dict[str, array] = {}  # block id -> its pagemap entries as last read
-        self._dirty: dict[str, array] = {}  # block id -> pages the tracker found written (changed() answers)
+        # per block id, as of the last refresh:
+        self._maps: dict[str, Mapping] = {}  # its mapping
+        self._tracked: dict[
+            str, tuple[int, int]
+        ] = {}  # (start, length) registered with the tracker; (0, -1): cannot be
+        self._entries: dict[str, array] = {}  # its pagemap entries
+        self._zero: dict[str, array] = {}  # pages known to be zero (not read)
+        self._dirty: dict[str, array] = {}  # pages written since the last refresh, where the kernel says
+        self._chunks: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hash-scan buffers, one per thread
 
     # -- set-up ----------------------------------------------------------
 
@@ -272,99 +251,127 @@ class ProcessSource(Source):
     # -- each pass -------------------------------------------------------
 
     def refresh(self) -> list[Block]:
+        """The blocks (with no views: ``gather`` reads their pages), and for
+        each what was written since the last refresh where the kernel says."""
         maps = read_maps(self.pid)
         chosen, left_out = select_mappings(maps)
         if left_out != self.left_out:
-            new = [item for item in left_out if item not in self.left_out]
-            reasons: dict[str, int] = {}
-            for item in new:
-                reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
-            log.info(
-                "leave_out_mappings",
-                pid=self.pid,
-                by_reason=reasons,
-                kernel_and_device=[i["path"] for i in new if i["reason"] in ("kernel page", "device memory")],
-            )
-            self.left_out = left_out
+            self._log_left_out(left_out)
         soft = self.tracking == "soft-dirty" and not self.frozen
-        blocks = []
-        seen = set()
         ids = block_ids(chosen)
+        # a new mapping is registered before its pagemap is read: a write in
+        # between is then either in the pagemap or reported by the tracker
+        tracked = {bid: self.tracker is not None and self._track(m, bid) for m, bid in zip(chosen, ids, strict=True)}
         pagemaps = {bid: self._pagemap_of(m) for m, bid in zip(chosen, ids, strict=True)}
         if soft:
             self._clear_soft_dirty()
+        blocks = []
         for m, bid in zip(chosen, ids, strict=True):
-            seen.add(bid)
-            buf = self._buffers.get(bid)
-            if buf is None or buf.length != m.length:
-                if buf is not None:
-                    buf.close()
-                buf = self._buffers[bid] = _Buffer(m.length)
             entries = pagemaps[bid]
-            tracked = self.tracker is not None and self._track(m, bid)
-            if tracked and buf.filled:
-                read, absent = self._written(m, bid, entries)
+            old = self._maps.get(bid)
+            known = old is not None and (old.start, old.length) == (m.start, m.length)
+            if known and tracked[bid]:
+                dirty, zero = self._written(m, bid, entries)
+            elif known and soft:
+                dirty, zero = self._soft_dirty(m, bid, entries)
+            else:  # read whole, or hash-scanned: the scan finds what changed
+                dirty = None
+                zero = pages.select_pages(entries, PM_PRESENT | PM_SWAPPED, False) if m.anonymous else array("Q")
+            if dirty is None:
+                self._dirty.pop(bid, None)
             else:
-                self._dirty.pop(bid, None)  # read whole: the sender's hash scan finds what changed
-                read, absent = pages_to_read(entries, anonymous=m.anonymous, soft_dirty_only=soft and buf.filled)
-            if buf.filled and len(absent):
-                buf.zero_runs(pages.page_runs(absent))
-            self._read(m, buf, pages.page_runs(read))
-            self._entries[bid] = entries
-            buf.filled = True
+                self._dirty[bid] = dirty
+            self._zero[bid], self._entries[bid], self._maps[bid] = zero, entries, m
             info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
-            blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), buf.map))
-        for gone in set(self._buffers) - seen:
-            self._buffers.pop(gone).close()
-            self._entries.pop(gone, None)
-            self._dirty.pop(gone, None)
-            self._tracked.pop(gone, None)
+            blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), None))
+        for gone in set(self._maps) - set(ids):
+            for held in (self._maps, self._entries, self._zero, self._dirty, self._tracked):
+                held.pop(gone, None)
         return blocks
+
+    def _log_left_out(self, left_out: list[dict]) -> None:
+        new = [item for item in left_out if item not in self.left_out]
+        reasons: dict[str, int] = {}
+        for item in new:
+            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+        log.info(
+            "leave_out_mappings",
+            pid=self.pid,
+            by_reason=reasons,
+            kernel_and_device=[i["path"] for i in new if i["reason"] in ("kernel page", "device memory")],
+        )
+        self.left_out = left_out
 
     def _track(self, m: Mapping, bid: str) -> bool:
         """Whether the tracker has mapping ``m`` (registering it when it is
-        new or resized; it is then read whole). A range it cannot have falls
-        back to the hash scan, with the reason logged once."""
+        new, moved or resized; it is then read whole). A range it cannot have
+        falls back to the hash scan, with the reason logged once."""
         assert self.tracker is not None
         known = self._tracked.get(bid)
-        if known == m.length:
+        if known == (m.start, m.length):
             return True
-        if known == -1:
+        if known == (0, -1):
             return False
         try:
             self.tracker.register(m.start, m.length)
         except UffdUnavailable as exc:
             log.info("track_by_scan", pid=self.pid, block=bid, reason=str(exc))
-            self._tracked[bid] = -1
+            self._tracked[bid] = (0, -1)
             return False
-        self._tracked[bid] = m.length
+        self._tracked[bid] = (m.start, m.length)
         return True
 
     def _written(self, m: Mapping, bid: str, entries: array) -> tuple[array, array]:
-        """For a tracked block: (pages to read, pages now zero). The pages to
-        read are the ones written since the last pass; the sender sends those
-        and the ones that went from present to absent (a kernel before the
-        July 2026 fixes does not report a huge page dropped by MADV_DONTNEED
-        as written: this counts every such drop as a change)."""
+        """For a tracked block: (pages to send, pages of those now zero). They
+        are the pages written since the last pass, and the ones that went
+        from present to absent (a kernel before the July 2026 fixes does not
+        report a huge page dropped by MADV_DONTNEED as written: this counts
+        every such drop as a change)."""
         assert self.tracker is not None
         written = self.tracker.written(m.start, m.length)
-        if not m.anonymous:
-            self._dirty[bid] = written
+        return self._with_cleared(m, bid, written, entries)
+
+    def _soft_dirty(self, m: Mapping, bid: str, entries: array) -> tuple[array, array]:
+        """Like ``_written``, from the soft-dirty bits of the pagemap."""
+        return self._with_cleared(m, bid, pages.select_pages(entries, PM_SOFT_DIRTY), entries)
+
+    def _with_cleared(self, m: Mapping, bid: str, written: array, entries: array) -> tuple[array, array]:
+        if not m.anonymous:  # an absent page of a file mapping still holds the file's bytes
             return written, array("Q")
-        before = self._entries.get(bid, entries)
-        cleared = pages.cleared_pages(before, entries, PM_PRESENT | PM_SWAPPED)
-        self._dirty[bid] = pages.merge_pages(written, cleared)
-        return written, cleared
+        cleared = pages.cleared_pages(self._entries.get(bid, entries), entries, PM_PRESENT | PM_SWAPPED)
+        if not len(cleared):
+            return written, cleared
+        return pages.merge_pages(written, cleared), pages.difference_pages(cleared, written)
 
     def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
-        """The tracker's written pages for a tracked block (no hashing: the
-        sender's encoder updates the hashes of what it sends); the hash scan
-        otherwise."""
-        dirty = self._dirty.get(block.info.id)
-        if dirty is None:
-            return super().changed(block, hashes, first, end)
+        """The written pages where the kernel says (no hashing: the sender's
+        encoder updates the hashes of what it sends); otherwise a hash scan
+        of every page, read through a buffer of SCAN_CHUNK_PAGES."""
         end = len(hashes) if end < 0 else end
-        return dirty[bisect.bisect_left(dirty, first) : bisect.bisect_left(dirty, end)]
+        dirty = self._dirty.get(block.info.id)
+        if dirty is not None:
+            return dirty[bisect.bisect_left(dirty, first) : bisect.bisect_left(dirty, end)]
+        try:
+            chunk = self._chunks.get_nowait()
+        except queue.Empty:
+            chunk = bytearray(SCAN_CHUNK_PAGES * PAGE)
+        try:
+            found = array("Q")
+            for a in range(first, end, SCAN_CHUNK_PAGES):
+                b = min(a + SCAN_CHUNK_PAGES, end)
+                with self.gather(block, pages.page_range(a, b), chunk) as view:
+                    found.extend(pages.scan(view, hashes, PAGE, a, b, base=a))
+            return found
+        finally:
+            self._chunks.put(chunk)
+
+    def gather(self, block: Block, wanted, into) -> memoryview:
+        """Read the pages ``wanted`` of ``block`` into ``into``, in order;
+        pages known to be zero are zero-filled, not read."""
+        m = self._maps[block.info.id]
+        local, remote = _core.gather_iovecs(into, wanted, self._zero[block.info.id], m.start, PAGE)
+        self._readv(local, remote)
+        return memoryview(into)[: len(wanted) * PAGE]
 
     def _pagemap_of(self, m: Mapping) -> array:
         n = m.length // PAGE
@@ -387,13 +394,12 @@ class ProcessSource(Source):
         except FileNotFoundError:
             raise ProcessGone(f"process {self.pid} exited during the migration") from None
 
-    def _read(self, m: Mapping, buf: _Buffer, runs: array) -> None:
-        """Copy the page runs (first, count) of mapping ``m`` into ``buf``."""
-        local, remote = _core.iovecs(runs, buf.addr, m.start, PAGE)
+    def _readv(self, local: array, remote: array) -> None:
+        """Read the remote ranges into the local ones (struct iovec arrays)."""
         lp, rp = local.buffer_info()[0], remote.buffer_info()[0]
-        nruns = len(runs) // 2
-        for b in range(0, nruns, IOV_MAX):
-            k = min(IOV_MAX, nruns - b)
+        nranges = len(local) // 2
+        for b in range(0, nranges, IOV_MAX):
+            k = min(IOV_MAX, nranges - b)
             total = sum(local[2 * b + 1 : 2 * (b + k) : 2])
             got = _libc.process_vm_readv(self.pid, _iov(lp + 16 * b), k, _iov(rp + 16 * b), k, 0)
             if got == total:
@@ -408,31 +414,33 @@ class ProcessSource(Source):
             # fall back to /proc/PID/mem from where process_vm_readv stopped
             done = 0
             for j in range(b, b + k):
-                off, length = runs[2 * j] * PAGE, runs[2 * j + 1] * PAGE
+                length = local[2 * j + 1]
                 if done + length > got:
                     skip = max(0, got - done)
-                    self._pread(m, buf, off + skip, length - skip)
+                    self._pread(local[2 * j] + skip, remote[2 * j] + skip, length - skip)
                 done += length
 
-    def _pread(self, m: Mapping, buf: _Buffer, off: int, length: int) -> None:
-        view = memoryview(buf.map)
+    def _pread(self, to: int, at: int, length: int) -> None:
+        """Read ``length`` bytes at address ``at`` of the process to our
+        address ``to`` through /proc/PID/mem; a page that cannot be read is
+        left zero and counted."""
+        view = memoryview((ctypes.c_char * length).from_address(to)).cast("B")
         try:
-            n = os.preadv(self._mem, [view[off : off + length]], m.start + off)
+            n = os.preadv(self._mem, [view], at)
             if n == length:
                 return
-            off, length = off + n, length - n
+            view, at, to, length = view[n:], at + n, to + n, length - n
         except OSError:
             pass
-        for p in range(off, off + length, PAGE):  # page by page: only what failed as a range
+        for p in range(0, length, PAGE):  # page by page: only what failed as a range
             try:
-                if os.preadv(self._mem, [view[p : p + PAGE]], m.start + p) == PAGE:
+                if os.preadv(self._mem, [view[p : p + PAGE]], at + p) == PAGE:
                     continue
             except OSError as exc:
                 if exc.errno == errno.ESRCH or not os.path.exists(f"/proc/{self.pid}"):
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
-            view[p : p + PAGE] = bytes(PAGE)
+            ctypes.memset(to + p, 0, PAGE)
             self.unreadable_pages += 1
-        view.release()
 
     # -- final pass --------------------------------------------------------
 
@@ -459,9 +467,8 @@ class ProcessSource(Source):
         if self.tracker is not None:
             self.tracker.close()  # unregisters and unprotects everything: the target is as it was
             self.tracker = None
-        for buf in self._buffers.values():
-            buf.close()
-        self._buffers.clear()
+        for held in (self._maps, self._entries, self._zero, self._dirty, self._tracked):
+            held.clear()
         for fd in (self._mem, self._pagemap):
             if fd >= 0:
                 os.close(fd)

@@ -57,7 +57,8 @@ _MAX_PAGE_RECORD = _core.encode_capacity(1, _core.MAX_BLOCK_ID_LENGTH, _core.MAX
 
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
-CAPABILITIES = (CAP_XBZRLE,)
+CAP_FLUSHED = "flushed"  # the receiver says when earlier passes are durable (FLUSHED)
+CAPABILITIES = (CAP_XBZRLE, CAP_FLUSHED)
 
 
 # ---------------------------------------------------------------------------
@@ -108,6 +109,19 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Flushed:
+    """Receiver has flushed to disk every page of passes up to
+    ``pass_number`` (hashed and fdatasync'ed), in ``flush_ms`` for
+    ``pages`` pages; sent when a background write-back ends, only with the
+    ``flushed`` capability. A sender freezes its source only once the passes
+    before the final one are durable, so the commit syncs only the last."""
+
+    pass_number: int
+    pages: int = 0
+    flush_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Complete:
     """Sender has sent everything; ``digest`` is the image as sent,
     ``source_info`` facts for the manifest (e.g. mappings left out)."""
@@ -118,10 +132,13 @@ class Complete:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
-    """Receiver has verified the digest and committed the image."""
+    """Receiver has verified the digest and committed the image;
+    ``timings`` splits its part of the downtime (milliseconds: ``wait`` for
+    a write-back, ``digest``, ``sync`` of the files, ``swap`` of the name)."""
 
     digest: str
     path: str = ""
+    timings: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +210,10 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.SENDER, State.RUNNING, BlockList): State.RUNNING,
     (Role.SENDER, State.RUNNING, EndOfPass): State.RUNNING,
     (Role.RECEIVER, State.RUNNING, Ack): State.RUNNING,
+    (Role.RECEIVER, State.RUNNING, Flushed): State.RUNNING,
     (Role.SENDER, State.RUNNING, Complete): State.COMPLETING,
     (Role.RECEIVER, State.COMPLETING, Ack): State.COMPLETING,
+    (Role.RECEIVER, State.COMPLETING, Flushed): State.COMPLETING,
     (Role.RECEIVER, State.COMPLETING, Committed): State.DONE,
 }
 
@@ -234,6 +253,8 @@ class Connection:
         Raises ``LocalProtocolError`` for an event the protocol forbids now."""
         if isinstance(event, Hello):
             check_page_size(event.page_size)
+        if isinstance(event, Flushed) and CAP_FLUSHED not in self.capabilities:
+            raise LocalProtocolError("FLUSHED needs the flushed capability, which was not negotiated")
         self.state = _next_state(self.role, self.state, event)
         out = self.frame(event)
         if isinstance(event, Welcome):
@@ -276,8 +297,15 @@ class Connection:
                 )
             case Complete():
                 return frame_control(Control.COMPLETE, {"digest": event.digest, "source_info": event.source_info or {}})
+            case Flushed():
+                return frame_control(
+                    Control.FLUSHED, {"pass": event.pass_number, "pages": event.pages, "flush_ms": event.flush_ms}
+                )
             case Committed():
-                return frame_control(Control.COMMITTED, {"digest": event.digest, "path": event.path})
+                fields: dict[str, object] = {"digest": event.digest, "path": event.path}
+                if event.timings:
+                    fields["timings"] = event.timings
+                return frame_control(Control.COMMITTED, fields)
             case Failure():
                 return frame_control(Control.ERROR, {"code": event.code, "message": event.message})
         raise TypeError(f"not a protocol event: {event!r}")
@@ -439,8 +467,21 @@ class Connection:
                     if not isinstance(info, dict):
                         raise ValueError("field 'source_info' must be an object")
                     return Complete(_field(p, "digest", str), info)
+                case Control.FLUSHED:
+                    if CAP_FLUSHED not in self.capabilities:
+                        raise ValueError("FLUSHED without the flushed capability")
+                    flushed = Flushed(
+                        _field(p, "pass", int),
+                        _field(p, "pages", int, 0),
+                        float(_field(p, "flush_ms", (int, float), 0.0)),
+                    )
+                    if not (0 <= flushed.pass_number < 1 << 63 and 0 <= flushed.pages < 1 << 63):
+                        raise ValueError("pass and page counts must be non-negative")
+                    if not 0.0 <= flushed.flush_ms < 1e12:
+                        raise ValueError("flush_ms must be non-negative and finite")
+                    return flushed
                 case Control.COMMITTED:
-                    return Committed(_field(p, "digest", str), p.get("path", ""))
+                    return Committed(_field(p, "digest", str), p.get("path", ""), _timings(p.get("timings")))
                 case Control.ERROR:
                     return Failure(str(p.get("code", "error"))[:64], str(p.get("message", ""))[:4096])
         except ProtocolError:
@@ -491,6 +532,20 @@ def check_page_size(page_size: int) -> None:
         ) from None
 
 
+def _timings(value) -> dict[str, float] | None:
+    """COMMITTED's optional timings: a few named, finite, non-negative milliseconds."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > 16:
+        raise ValueError("field 'timings' must be an object of at most 16 numbers")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1e12 or len(k) > 32:
+            raise ValueError("field 'timings' must map short names to non-negative milliseconds")
+        out[k] = float(v)
+    return out
+
+
 def negotiate(offered, allowed) -> tuple[str, ...]:
     """Capabilities both ends allow, in the offer's order."""
     return tuple(c for c in offered if c in allowed and c in CAPABILITIES)
@@ -500,12 +555,14 @@ __all__ = [
     "Ack",
     "BlockList",
     "CAPABILITIES",
+    "CAP_FLUSHED",
     "CAP_XBZRLE",
     "Committed",
     "Complete",
     "Connection",
     "EndOfPass",
     "Failure",
+    "Flushed",
     "Hello",
     "NEED_DATA",
     "PREAMBLE",

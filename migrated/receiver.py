@@ -24,6 +24,7 @@ from migrated.errors import (
     first_migration_error,
 )
 from migrated.protocol import (
+    CAP_FLUSHED,
     CAP_XBZRLE,
     NEED_DATA,
     Ack,
@@ -33,6 +34,7 @@ from migrated.protocol import (
     Connection,
     EndOfPass,
     Failure,
+    Flushed,
     Hello,
     Role,
     Welcome,
@@ -176,6 +178,9 @@ class _Session:
         self.started = trio.current_time()
         self.files = trio.Lock()  # staging files change shape or get flushed one at a time
         self.flushed = (0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds
+        self.ended_pass = -1  # the last pass whose END_OF_PASS arrived
+        self.durable_pass = -1  # the last pass whose pages are all on disk
+        self.sending = trio.Lock()  # ACKs and FLUSHED go from two tasks
 
     def progress(self) -> dict:
         applied = {
@@ -184,7 +189,8 @@ class _Session:
         return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **applied}
 
     async def send(self, event) -> None:
-        await self.stream.send_all(self.conn.send(event))
+        async with self.sending:
+            await self.stream.send_all(self.conn.send(event))
 
     async def read_stream(self, chunks: trio.MemorySendChannel) -> None:
         """Receive from the sender while earlier chunks are being applied;
@@ -238,7 +244,9 @@ class _Session:
                 hello = await self.next_event(chunks)
                 assert isinstance(hello, Hello)  # the state table admits nothing else first
                 self.hello(hello)
-                caps = negotiate(hello.capabilities, (CAP_XBZRLE,) if self.config.xbzrle else ())
+                caps = negotiate(
+                    hello.capabilities, (CAP_FLUSHED, CAP_XBZRLE) if self.config.xbzrle else (CAP_FLUSHED,)
+                )
                 await self.send(Welcome(caps))
                 log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
                 await self.receive_passes(background, chunks)
@@ -256,6 +264,7 @@ class _Session:
                 log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
             elif isinstance(event, EndOfPass):
                 self.passes += 1
+                self.ended_pass = event.pass_number
                 staging.end_of_fresh_blocks()
                 await self.send(Ack(event.pass_number, self.conn.received_bytes, *self.flushed))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
@@ -269,13 +278,20 @@ class _Session:
 
     async def write_back(self) -> None:
         """Write the pages applied so far to disk while the next pass
-        arrives, so that the commit (inside the sender's downtime) has
-        little left to flush."""
+        arrives, again as long as more passes ended meanwhile, so that the
+        commit (inside the sender's downtime) has only the final pass to
+        flush; with the flushed capability, tell the sender each time (it
+        freezes its source only once the earlier passes are durable)."""
         async with self.files:
-            if self.staging is not None:
+            while self.staging is not None and self.durable_pass < self.ended_pass:
+                through = self.ended_pass
                 started = trio.current_time()
                 pages = await trio.to_thread.run_sync(self.staging.write_back)
                 self.flushed = (pages, ms(trio.current_time() - started))
+                self.durable_pass = through
+                log.debug("write_back", through_pass=through, pages=pages, flush_ms=self.flushed[1])
+                if CAP_FLUSHED in self.conn.capabilities:
+                    await self.send(Flushed(through, *self.flushed))
 
     def hello(self, hello: Hello) -> None:
         name = hello.name
@@ -304,7 +320,13 @@ class _Session:
         path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
         self.staging = None
         self.receiver.completed += 1
-        await self.send(Committed(digest, str(path)))
+        timings = {
+            "wait": ms(started - arrived),
+            "digest": ms(verified - started),
+            "sync": ms(staging.sync_seconds),
+            "swap": ms(staging.swap_seconds),
+        }
+        await self.send(Committed(digest, str(path), timings))
         done = trio.current_time()
         log.info(
             "commit_image",
@@ -313,7 +335,8 @@ class _Session:
             seconds=round(done - self.started, 3),
             wait_ms=ms(started - arrived),
             digest_ms=ms(verified - started),
-            sync_ms=ms(done - verified),
+            sync_ms=timings["sync"],
+            swap_ms=timings["swap"],
             **self.progress(),
         )
         self.receiver.tidy_soon(staging)

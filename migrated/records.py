@@ -72,6 +72,7 @@ class Control(IntEnum):
     COMPLETE = 4  # sender: all pages sent, digest of the image
     COMMITTED = 5  # receiver: image committed, digest verified
     ERROR = 6  # either side: code and message, then the connection closes
+    FLUSHED = 7  # receiver: the pages of the passes so far are on disk (capability "flushed")
 
 
 # ---------------------------------------------------------------------------
@@ -118,6 +119,7 @@ def encode_batch(
     seed_cache: bool = True,
     hashes=None,
     into=None,
+    gathered_pages: int = -1,
 ) -> tuple[bytearray | memoryview, BatchStats]:
     """Frame the records for ``pages`` (an ``array('Q')``) of one block.
 
@@ -129,6 +131,8 @@ def encode_batch(
     ``seed_cache``. With ``xbzrle`` off pages go raw and leave the cache.
     The records go to a new bytearray, or into ``into`` (a buffer of at least
     ``encode_capacity`` bytes), returning a view of the part used.
+    With ``gathered_pages`` (the block's page count), ``block`` holds just
+    these pages, in order, as ``Source.gather`` reads them.
     """
     options = 0
     if xbzrle:
@@ -137,7 +141,9 @@ def encode_batch(
             options |= _core.OPTION_LOOKUP | _core.OPTION_INSERT
         elif seed_cache:
             options |= _core.OPTION_INSERT
-    data, counters = _core.encode_batch(cache, block_index, block_id, block, pages, options, hashes, into)
+    data, counters = _core.encode_batch(
+        cache, block_index, block_id, block, pages, options, hashes, into, gathered_pages
+    )
     return data, BatchStats(*counters)
 
 

@@ -8,6 +8,8 @@ after the migration; nothing here changes that state.
 from __future__ import annotations
 
 import enum
+import re
+import resource
 from typing import TYPE_CHECKING, Any
 
 from migrated.units import format_size, ms
@@ -40,6 +42,7 @@ def summary(s: Sender) -> dict[str, Any]:
         "setup_time_ms": ms(s.setup_seconds),
         "downtime_ms": ms(s.downtime),
         "expected_downtime_ms": ms(s.expected_downtime),
+        "downtime_breakdown": s.downtime_breakdown,
         "ram": {
             "total_bytes": sum(t.info.length for t in s.layout.tracked.values()),
             "transferred_bytes": s.transferred,
@@ -80,10 +83,25 @@ def summary(s: Sender) -> dict[str, Any]:
         "source": s.source.description,
         "dirty_tracking": s.source.tracking,
         "source_info": s.source.info(),
+        "sender_peak_rss_bytes": peak_rss(),
     }
     if s.error:
         out["error"] = s.error
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (a file source's mapped
+    pages count too, though they are page cache, not the sender's). From
+    VmHWM: getrusage's ru_maxrss keeps the parent's peak across fork and exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            found = re.search(r"^VmHWM:\s+(\d+) kB", fh.read(), re.M)
+        if found:
+            return int(found.group(1)) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def format_summary(s: dict[str, Any]) -> str:

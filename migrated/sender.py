@@ -37,6 +37,7 @@ from migrated.errors import (
 from migrated.pages import image_digest, merge_pages, page_range
 from migrated.policy import DowntimeEstimate, PassReport, TokenBucket, XbzrlePolicy
 from migrated.protocol import (
+    CAP_FLUSHED,
     CAP_XBZRLE,
     CAPABILITIES,
     NEED_DATA,
@@ -47,6 +48,7 @@ from migrated.protocol import (
     Connection,
     EndOfPass,
     Failure,
+    Flushed,
     Hello,
     Role,
     Welcome,
@@ -209,6 +211,9 @@ class Sender:
         self.remaining_pages = 0  # dirty pages not yet sent, as of the last scan
         self.wire: _Writer | None = None  # made by run(), on its stream
         self._acks: dict[int, float] = {}
+        self.flush_reports = False  # the receiver says when passes are durable (FLUSHED)
+        self._durable = -1  # the last pass the receiver has on disk
+        self.downtime_breakdown: dict[str, float] = {}
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
         # encode buffers, reused: a fresh 4 MiB allocation per batch would
@@ -216,6 +221,8 @@ class Sender:
         # waiting, one being sent)
         capacity = records.encode_capacity(BATCH_PAGES, records.MAX_BLOCK_ID_LENGTH, config.page_size)
         self._buffers = [bytearray(capacity) for _ in range(ENCODED_AHEAD + 2)]
+        # and the one a source without views reads each batch into
+        self._gathered = bytearray(BATCH_PAGES * config.page_size)
 
     @staticmethod
     def now() -> float:
@@ -271,6 +278,9 @@ class Sender:
             if isinstance(event, Ack):
                 self._acks[event.pass_number] = trio.current_time()
                 self.estimate.receiver_flushed(event.flushed_pages, event.flush_ms)
+            elif isinstance(event, Flushed):
+                self._durable = max(self._durable, event.pass_number)
+                self.estimate.receiver_flushed(event.pages, event.flush_ms)
             elif isinstance(event, Committed):
                 self._committed = event
             self._ack_arrived.set()
@@ -323,7 +333,7 @@ class Sender:
         return summary(self)
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
-        caps = CAPABILITIES if self.config.xbzrle else ()
+        caps = CAPABILITIES if self.config.xbzrle else (CAP_FLUSHED,)
         hello = Hello(self.config.name, self.config.page_size, caps, self.source.description)
         await self._send(self.conn.send(hello))
         with answer_within("handshake answer", self.config.timeout):
@@ -331,6 +341,7 @@ class Sender:
                 await self._receive(stream)
         assert isinstance(event, Welcome)  # the state table admits nothing else
         self.xbzrle = XbzrlePolicy(negotiated=CAP_XBZRLE in event.capabilities)
+        self.flush_reports = CAP_FLUSHED in event.capabilities
         if not self.xbzrle.negotiated:
             self.cache.resize(0)
         self.setup_seconds = trio.current_time() - self.started
@@ -377,11 +388,17 @@ class Sender:
                 expected_downtime_ms=ms(self.expected_downtime),
             )
             pass_no += 1
-            if self.expected_downtime <= cfg.downtime_limit:
+            fits = self.expected_downtime <= cfg.downtime_limit
+            if fits and self.flush_reports and self._durable < pass_no - 1:
+                plan = await self._wait_durable(stream, pass_no - 1, plan)
+                fits = self.expected_downtime <= cfg.downtime_limit
+            if fits:
                 self.converged = True
                 break
             if pass_no >= cfg.max_iterations:
                 log.warning("stop_iterating", passes=pass_no, expected_downtime_ms=ms(self.expected_downtime))
+                if self.flush_reports and self._durable < pass_no - 1:  # the commit syncs only the final pass
+                    plan = await self._wait_durable(stream, pass_no - 1, plan)
                 break
             change = self.xbzrle.judge(report, pass_no)
             if change is not None and change.enabled:
@@ -394,6 +411,29 @@ class Sender:
                     overflow_rate=change.overflow_rate,
                 )
         await self._final_pass(stream, pass_no, plan)
+
+    async def _wait_durable(self, stream: trio.abc.Stream, through: int, plan):
+        """Before the freeze: wait until the receiver has every pass up to
+        ``through`` on disk, so that its commit, inside the downtime, syncs
+        only the final pass's pages. The source ran meanwhile: returns the
+        plan with what it wrote added, and the estimate redone."""
+        started = trio.current_time()
+        with answer_within(f"flush of passes up to {through}", self.config.commit_timeout):
+            await self._until(lambda: self._durable >= through)
+        waited = trio.current_time() - started
+        t_scan = trio.current_time()
+        plan = await self._plan(stream, first=False, extra={t.info.id: pages for t, _, pages in plan})
+        self.estimate.scan_seconds = trio.current_time() - t_scan
+        dirty = self.remaining_pages = sum(len(p) for _, _, p in plan)
+        self.expected_downtime = self.estimate.seconds(dirty, self.passes[-1])
+        log.info(
+            "wait_for_flush",
+            through_pass=through,
+            waited_ms=ms(waited),
+            dirty_pages=dirty,
+            expected_downtime_ms=ms(self.expected_downtime),
+        )
+        return plan
 
     async def _plan(self, stream: trio.abc.Stream, *, first: bool, extra=None):
         """Refresh the source and list, per block, the pages to send."""
@@ -463,10 +503,12 @@ class Sender:
                         turn += 1
                         data, batch = await trio.to_thread.run_sync(
                             _encode,
+                            self.source,
+                            self._gathered,
                             self.cache,
                             t.index,
                             bid,
-                            block.view,
+                            block,
                             pages[i : i + BATCH_PAGES],
                             xbzrle,
                             first,
@@ -497,40 +539,58 @@ class Sender:
         return report
 
     async def _final_pass(self, stream, pass_no: int, pending) -> None:
-        """Freeze the source, send what is left, have the receiver commit."""
+        """Freeze the source, send what is left, have the receiver commit.
+        The downtime is split in ``downtime_breakdown``."""
         frozen_at = trio.current_time()
         frozen = confirmed = False
+        parts: dict[str, float] = {}
         try:
             self.source.freeze()  # in this thread: ptrace ties a tracee to one thread
             frozen = True
-            extra = {t.info.id: pages for t, _, pages in pending}
             scan_start = trio.current_time()
+            parts["freeze_ms"] = ms(scan_start - frozen_at)
+            extra = {t.info.id: pages for t, _, pages in pending}
             plan = await self._plan(stream, first=False, extra=extra)
-            scan_seconds = trio.current_time() - scan_start
+            send_start = trio.current_time()
+            parts["scan_ms"] = ms(send_start - scan_start)
             report = await self._send_pass(stream, pass_no, plan, final=True)
             self.digest = image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
             await self._send(self.conn.send(Complete(self.digest, self.source.info())))
+            commit_start = trio.current_time()
+            parts["send_ms"] = ms(commit_start - send_start)
             log.info(
                 "send_final_pass",
                 **{"pass": pass_no},
                 pages=report.pages,
                 wire_bytes=report.wire_bytes,
                 xbzrle_pages=report.stats.xbzrle_pages,
-                scan_ms=ms(scan_seconds),
-                send_ms=ms(report.seconds),
+                scan_ms=parts["scan_ms"],
+                send_ms=parts["send_ms"],
                 digest=self.digest,
             )
             with answer_within("commit confirmation", self.config.commit_timeout):
                 await self._until(lambda: self._committed is not None)
+            assert self._committed is not None
+            parts.update(_receiver_parts(trio.current_time() - commit_start, self._committed.timings))
             if not self.verified:
-                digest = self._committed.digest if self._committed is not None else ""
                 raise RemoteProtocolError(
-                    f"receiver confirmed digest {digest[:16]}…, the sender sent {self.digest[:16]}…"
+                    f"receiver confirmed digest {self._committed.digest[:16]}…, the sender sent {self.digest[:16]}…"
                 )
             confirmed = True  # only here: a cancellation after COMMITTED arrived still resumes the source
         finally:
             self.downtime = trio.current_time() - frozen_at
+            self.downtime_breakdown = parts
             self.source.thaw(confirmed and frozen)  # synchronous: a cancellation cannot skip it
+
+
+def _receiver_parts(commit_seconds: float, timings: dict[str, float] | None) -> dict[str, float]:
+    """The receiver's share of the downtime, from COMPLETE sent to COMMITTED
+    read: its own timings, and the rest (applying the records still in
+    flight, and the network) as ``receiver_apply_ms``."""
+    timings = timings or {}
+    parts = {f"receiver_{k}_ms": timings[k] for k in ("wait", "digest", "sync", "swap") if k in timings}
+    parts["receiver_apply_ms"] = ms(max(0.0, commit_seconds * 1000 - sum(parts.values())) / 1000)
+    return parts
 
 
 @contextlib.contextmanager
@@ -543,7 +603,22 @@ def answer_within(what: str, seconds: float) -> Iterator[None]:
         raise NetworkError(f"no {what} from the receiver within {seconds:g} s")
 
 
-def _encode(cache, index, bid, view, pages, xbzrle, first, seed, hashes, into):
+def _encode(source, gathered, cache, index, bid, block, pages, xbzrle, first, seed, hashes, into):
+    """Encode a batch from the block's view, or from ``gathered`` (one buffer:
+    one batch is encoded at a time) after the source read the pages into it."""
+    view, npages = block.view, -1
+    if view is None:
+        view, npages = source.gather(block, pages, gathered), block.info.pages
     return encode_batch(
-        cache, index, bid, view, pages, xbzrle=xbzrle, first_pass=first, seed_cache=seed, hashes=hashes, into=into
+        cache,
+        index,
+        bid,
+        view,
+        pages,
+        xbzrle=xbzrle,
+        first_pass=first,
+        seed_cache=seed,
+        hashes=hashes,
+        into=into,
+        gathered_pages=npages,
     )

@@ -1,9 +1,11 @@
 """Where the sender's pages come from.
 
-A source names its blocks and gives a readable buffer for each; the sender
-scans and encodes from those buffers. ``refresh()`` runs at the start of
-every pass (in a worker thread): it follows size and layout changes and, for
-a source that copies memory (a process), takes this pass's copy. ``freeze()``
+A source names its blocks and gives a readable buffer for each (a file's
+mapping), or reads the pages asked for into the sender's buffer, batch by
+batch (``gather``: a process, whose memory the sender never copies whole).
+The sender scans and encodes from those buffers. ``refresh()`` runs at the
+start of every pass (in a worker thread): it follows size and layout changes
+and finds what was written since the last pass where the source can tell. ``freeze()``
 stops whatever writes the memory for the final pass; ``thaw()`` always runs
 after it, whatever happened.
 """
@@ -32,7 +34,7 @@ class Block:
     """One block of a source as of the last refresh."""
 
     info: BlockInfo
-    view: Any  # a readable buffer of info.length bytes (mmap, bytes, memoryview)
+    view: Any  # a readable buffer of info.length bytes (mmap, bytes, memoryview); None: read by gather()
 
 
 class Source:
@@ -52,6 +54,12 @@ class Source:
         among pages ``first`` to ``end`` (-1: the last); the sender scans
         parts of a large block in parallel."""
         return scan(block.view, hashes, block.info.page_size, first, end)
+
+    def gather(self, block: Block, pages, into) -> memoryview:
+        """For a block without a view: read ``pages`` (ascending) into
+        ``into``, page i of the list at byte i * page size; returns the part
+        of ``into`` filled. Called from one worker thread at a time."""
+        raise NotImplementedError(f"{type(self).__name__} gives every block a view")
 
     def freeze(self) -> None:
         pass

@@ -199,6 +199,7 @@ class Staging:
         self.applier.allow_xbzrle = False  # until the connection says it was negotiated
         self._files = 0
         self._replaced: Path | None = None  # the committed version this one replaced
+        self.sync_seconds = self.swap_seconds = 0.0  # the commit's two parts
 
     def set_blocks(self, blocks) -> list[BlockTarget]:
         """Follow a block list: resize kept blocks, create new ones, delete
@@ -262,6 +263,7 @@ class Staging:
 
     def commit(self, digest: str, source_info: dict | None = None) -> Path:
         """Make this the committed image of its name, atomically and durably."""
+        started = time.monotonic()
         self.applier.release()
         blocks = []
         for bid in self.order:
@@ -289,6 +291,8 @@ class Staging:
         for f in self.blocks.values():
             f.close()
         _fsync_dir(self.dir)
+        synced = time.monotonic()
+        self.sync_seconds = synced - started
         root = self.store.root
         version = f".{self.name}.v{time.time_ns()}"
         link = root / self.name
@@ -299,6 +303,7 @@ class Staging:
         os.symlink(version, tmp)
         os.rename(tmp, link)
         _fsync_dir(root)
+        self.swap_seconds = time.monotonic() - synced
         self.dir = root / version
         self.blocks.clear()
         self._replaced = root / previous if previous and previous != version and "/" not in previous else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -17,22 +18,23 @@ import trio
 from daemons import failure_seen, migrate, running_receiver, state
 from structlog.testing import capture_logs
 
-from migrated import uffd
+from migrated import _core, uffd
 from migrated._tools import loadgen
 from migrated._tools.localrun import CLI
 from migrated.errors import MigrationError, SourceError, first_migration_error
+from migrated.pages import cleared_pages, difference_pages, select_pages
 from migrated.procmem import (
     PM_PRESENT,
     PM_SOFT_DIRTY,
     PM_SWAPPED,
     ProcessSource,
-    pages_to_read,
     parse_maps,
     select_mappings,
     soft_dirty_supported,
 )
 
 MiB = 1 << 20
+PAGE = 4096
 
 # A child that owns an anonymous private mapping A (pattern 0xA1) and keeps
 # writing to a 4 MiB work buffer; on SIGUSR1 it maps B (pattern 0xB2) and
@@ -298,29 +300,28 @@ def test_this_kernel_reports_its_soft_dirty_support_with_a_reason():
         assert "CONFIG_MEM_SOFT_DIRTY" in why or "clear_refs" in why
 
 
-def test_pages_to_read_from_recorded_pagemap_entries():
-    # eight pages as pagemap reports them: present, absent, swapped, present+soft-dirty, ...
-    entries = array(
-        "Q",
-        [
-            PM_PRESENT,
-            0,
-            PM_SWAPPED,
-            PM_PRESENT | PM_SOFT_DIRTY,
-            0,
-            PM_PRESENT | PM_SOFT_DIRTY,
-            PM_SWAPPED | PM_SOFT_DIRTY,
-            PM_PRESENT | 0x1234,
-        ],
-    )
-    read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=False)
-    assert list(read) == [0, 2, 3, 5, 6, 7] and list(zero) == [1, 4]
-    read, zero = pages_to_read(entries, anonymous=True, soft_dirty_only=True)
-    assert list(read) == [3, 5, 6] and list(zero) == [1, 4]
-    read, zero = pages_to_read(entries, anonymous=False, soft_dirty_only=False)
-    assert list(read) == list(range(8)) and list(zero) == []  # file pages hold the file's bytes
-    read, _ = pages_to_read(entries, anonymous=False, soft_dirty_only=True)
-    assert list(read) == [3, 5, 6]
+def test_gather_iovecs_merges_runs_and_zero_fills_known_zero_pages():
+    into = bytearray(b"\xaa" * 6 * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(into))
+    remote = 0x7F0000000000
+    wanted = array("Q", [3, 4, 5, 9, 10, 20])  # read into places 0..5, in order
+    local, far = _core.gather_iovecs(into, wanted, array("Q", [4, 11, 20]), remote, PAGE)
+    # page 4 and 20 are known zero: not read, zero-filled; 3 | 5 and 9-10 are runs
+    assert list(far) == [remote + 3 * PAGE, PAGE, remote + 5 * PAGE, PAGE, remote + 9 * PAGE, 2 * PAGE]
+    assert list(local) == [base, PAGE, base + 2 * PAGE, PAGE, base + 3 * PAGE, 2 * PAGE]
+    assert into[PAGE : 2 * PAGE] == bytes(PAGE) and into[5 * PAGE :] == bytes(PAGE)
+    assert into[:PAGE] == b"\xaa" * PAGE and into[2 * PAGE : 5 * PAGE] == b"\xaa" * 3 * PAGE
+    with pytest.raises(ValueError, match="too small"):
+        _core.gather_iovecs(bytearray(5 * PAGE), wanted, array("Q"), remote, PAGE)
+
+
+def test_known_zero_pages_from_recorded_pagemap_entries():
+    # pages neither present nor swapped are zero; pages going absent are changes
+    entries = array("Q", [PM_PRESENT, 0, PM_SWAPPED, PM_PRESENT | PM_SOFT_DIRTY, 0, PM_PRESENT | 0x1234])
+    assert list(select_pages(entries, PM_PRESENT | PM_SWAPPED, False)) == [1, 4]
+    now = array("Q", [0, 0, PM_SWAPPED, 0, PM_PRESENT, PM_PRESENT])
+    assert list(cleared_pages(entries, now, PM_PRESENT | PM_SWAPPED)) == [0, 3]
+    assert list(difference_pages(array("Q", [0, 3, 7]), array("Q", [1, 3, 8]))) == [0, 7]
 
 
 RECORDED_MAPS = """\
@@ -563,3 +564,49 @@ def test_a_heap_in_two_mappings_is_two_blocks():
         "7ffff7dd0000-7ffff7dd4000 rw-p 00000000 00:00 0\n"
     )
     assert block_ids(maps) == ["[heap]", "555555560000:[heap]", "7ffff7dd0000:anon"]
+
+
+# A child with BIG bytes of anonymous memory, every page different, that
+# keeps writing 4 bytes into 1% of its pages every 100 ms.
+BIG_CHILD = textwrap.dedent(
+    """
+    import mmap, os, sys, time
+    size = int(sys.argv[1])
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    seed = os.urandom(1 << 20)
+    for off in range(0, size, 1 << 20):
+        m[off : off + (1 << 20)] = seed
+        m[off : off + 8] = off.to_bytes(8, "little")
+    print("ready", flush=True)
+    n = 0
+    while True:
+        for off in range(n % 100 * 4096, size, 100 * 4096):
+            m[off + 64 : off + 68] = n.to_bytes(4, "little")
+        n += 1
+        time.sleep(0.1)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracking", ["uffd", "scan"])
+def test_sender_memory_stays_bounded_for_a_process_larger_than_its_cache(receiver, tracking):
+    """The sender reads a 384 MiB process through batch buffers: its peak
+    resident memory stays near its 16 MiB cache, not near the process's size."""
+    size = 384 * MiB
+    child = subprocess.Popen([sys.executable, "-c", BIG_CHILD, str(size)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        args = ["--source", f"pid:{child.pid}", "--to", receiver.address, "--name", "big", "--json"]
+        args += ["--cache-size", "16MiB", "--dirty-tracking", tracking, "--after", "resume"]
+        sender = subprocess.Popen([*CLI, "send", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = sender.communicate(timeout=300)
+        assert sender.returncode == 0, err
+        summary = json.loads(out)
+        assert summary["status"] == "completed" and summary["source_info"]["dirty_tracking"] == tracking
+        peak = summary["sender_peak_rss_bytes"]
+        assert peak < 16 * MiB + 128 * MiB, f"sender peak RSS {peak / MiB:.0f} MiB for a {size // MiB} MiB process"
+        assert state(child.pid) in ("R", "S")  # resumed
+    finally:
+        child.kill()
+        child.wait()
