@@ -444,6 +444,10 @@ class ProcessSource(Source):
 
     # -- final pass --------------------------------------------------------
 
+    @property
+    def runs_before_durable(self) -> bool:  # type: ignore[override]
+        return self.after == "resume"
+
     def freeze(self) -> None:
         self.freeze_method = self.freezer.freeze()
         self.frozen = True

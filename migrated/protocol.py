@@ -19,7 +19,7 @@ protocol version), then records (docs/format.md):
                                <-         ACK(0)
     ... more passes, a MEM_SIZE whenever the block list changes ...
     COMPLETE(digest)           ->
-                               <-         COMMITTED(digest) (or ERROR)
+                               <-         [VERIFIED(digest)] COMMITTED(digest) (or ERROR)
 
 Either side may send ERROR at any point; the connection is then closed.
 Which event may come in which state is the one table ``_TRANSITIONS``.
@@ -57,8 +57,8 @@ _MAX_PAGE_RECORD = _core.encode_capacity(1, _core.MAX_BLOCK_ID_LENGTH, _core.MAX
 
 #: capabilities a sender may offer; raw PAGE and ZERO records are always allowed
 CAP_XBZRLE = "xbzrle"
-CAP_FLUSHED = "flushed"  # the receiver says when earlier passes are durable (FLUSHED)
-CAPABILITIES = (CAP_XBZRLE, CAP_FLUSHED)
+CAP_VERIFIED = "verified"  # the receiver says VERIFIED before it syncs the image
+CAPABILITIES = (CAP_XBZRLE, CAP_VERIFIED)
 
 
 # ---------------------------------------------------------------------------
@@ -106,19 +106,7 @@ class Ack:
     received_bytes: int = 0
     flushed_pages: int = 0
     flush_ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Flushed:
-    """Receiver has flushed to disk every page of passes up to
-    ``pass_number`` (hashed and fdatasync'ed), in ``flush_ms`` for
-    ``pages`` pages; sent when a background write-back ends, only with the
-    ``flushed`` capability. A sender freezes its source only once the passes
-    before the final one are durable, so the commit syncs only the last."""
-
-    pass_number: int
-    pages: int = 0
-    flush_ms: float = 0.0
+    hash_ms: float = 0.0  # the hashing part of flush_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +116,17 @@ class Complete:
 
     digest: str
     source_info: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """Receiver holds the complete image and its digest matched; it now
+    makes it durable and swaps it in (COMMITTED follows, or ERROR). Only
+    with the ``verified`` capability: a sender whose source may run again
+    before the image is durable (``--after resume``, a file's writer)
+    releases it here, so the sync is not part of the downtime."""
+
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +209,9 @@ _TRANSITIONS: dict[tuple[Role, State, type], State] = {
     (Role.SENDER, State.RUNNING, BlockList): State.RUNNING,
     (Role.SENDER, State.RUNNING, EndOfPass): State.RUNNING,
     (Role.RECEIVER, State.RUNNING, Ack): State.RUNNING,
-    (Role.RECEIVER, State.RUNNING, Flushed): State.RUNNING,
     (Role.SENDER, State.RUNNING, Complete): State.COMPLETING,
     (Role.RECEIVER, State.COMPLETING, Ack): State.COMPLETING,
-    (Role.RECEIVER, State.COMPLETING, Flushed): State.COMPLETING,
+    (Role.RECEIVER, State.COMPLETING, Verified): State.COMPLETING,
     (Role.RECEIVER, State.COMPLETING, Committed): State.DONE,
 }
 
@@ -253,8 +251,8 @@ class Connection:
         Raises ``LocalProtocolError`` for an event the protocol forbids now."""
         if isinstance(event, Hello):
             check_page_size(event.page_size)
-        if isinstance(event, Flushed) and CAP_FLUSHED not in self.capabilities:
-            raise LocalProtocolError("FLUSHED needs the flushed capability, which was not negotiated")
+        if isinstance(event, Verified) and CAP_VERIFIED not in self.capabilities:
+            raise LocalProtocolError("VERIFIED needs the verified capability, which was not negotiated")
         self.state = _next_state(self.role, self.state, event)
         out = self.frame(event)
         if isinstance(event, Welcome):
@@ -293,14 +291,13 @@ class Connection:
                         "received_bytes": event.received_bytes,
                         "flushed_pages": event.flushed_pages,
                         "flush_ms": event.flush_ms,
+                        "hash_ms": event.hash_ms,
                     },
                 )
             case Complete():
                 return frame_control(Control.COMPLETE, {"digest": event.digest, "source_info": event.source_info or {}})
-            case Flushed():
-                return frame_control(
-                    Control.FLUSHED, {"pass": event.pass_number, "pages": event.pages, "flush_ms": event.flush_ms}
-                )
+            case Verified():
+                return frame_control(Control.VERIFIED, {"digest": event.digest})
             case Committed():
                 fields: dict[str, object] = {"digest": event.digest, "path": event.path}
                 if event.timings:
@@ -456,30 +453,25 @@ class Connection:
                         _field(p, "received_bytes", int),
                         _field(p, "flushed_pages", int, 0),
                         float(_field(p, "flush_ms", (int, float), 0.0)),
+                        float(_field(p, "hash_ms", (int, float), 0.0)),
                     )
                     # the sender's downtime estimate divides and multiplies by these
                     counts = (ack.pass_number, ack.received_bytes, ack.flushed_pages)
-                    if min(counts) < 0 or max(counts) >= 1 << 63 or not 0.0 <= ack.flush_ms < 1e12:
-                        raise ValueError("pass, byte and page counts and flush_ms must be non-negative and finite")
+                    if min(counts) < 0 or max(counts) >= 1 << 63 or not 0.0 <= ack.hash_ms <= ack.flush_ms < 1e12:
+                        raise ValueError(
+                            "pass, byte and page counts must be non-negative, "
+                            "and hash_ms <= flush_ms non-negative and finite"
+                        )
                     return ack
                 case Control.COMPLETE:
                     info = p.get("source_info") or {}
                     if not isinstance(info, dict):
                         raise ValueError("field 'source_info' must be an object")
                     return Complete(_field(p, "digest", str), info)
-                case Control.FLUSHED:
-                    if CAP_FLUSHED not in self.capabilities:
-                        raise ValueError("FLUSHED without the flushed capability")
-                    flushed = Flushed(
-                        _field(p, "pass", int),
-                        _field(p, "pages", int, 0),
-                        float(_field(p, "flush_ms", (int, float), 0.0)),
-                    )
-                    if not (0 <= flushed.pass_number < 1 << 63 and 0 <= flushed.pages < 1 << 63):
-                        raise ValueError("pass and page counts must be non-negative")
-                    if not 0.0 <= flushed.flush_ms < 1e12:
-                        raise ValueError("flush_ms must be non-negative and finite")
-                    return flushed
+                case Control.VERIFIED:
+                    if CAP_VERIFIED not in self.capabilities:
+                        raise ValueError("VERIFIED without the verified capability")
+                    return Verified(_field(p, "digest", str))
                 case Control.COMMITTED:
                     return Committed(_field(p, "digest", str), p.get("path", ""), _timings(p.get("timings")))
                 case Control.ERROR:
@@ -555,14 +547,13 @@ __all__ = [
     "Ack",
     "BlockList",
     "CAPABILITIES",
-    "CAP_FLUSHED",
+    "CAP_VERIFIED",
     "CAP_XBZRLE",
     "Committed",
     "Complete",
     "Connection",
     "EndOfPass",
     "Failure",
-    "Flushed",
     "Hello",
     "NEED_DATA",
     "PREAMBLE",
@@ -570,6 +561,7 @@ __all__ = [
     "Role",
     "State",
     "VERSION",
+    "Verified",
     "Welcome",
     "check_page_size",
     "negotiate",

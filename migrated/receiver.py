@@ -24,7 +24,7 @@ from migrated.errors import (
     first_migration_error,
 )
 from migrated.protocol import (
-    CAP_FLUSHED,
+    CAP_VERIFIED,
     CAP_XBZRLE,
     NEED_DATA,
     Ack,
@@ -34,9 +34,9 @@ from migrated.protocol import (
     Connection,
     EndOfPass,
     Failure,
-    Flushed,
     Hello,
     Role,
+    Verified,
     Welcome,
     negotiate,
 )
@@ -176,11 +176,15 @@ class _Session:
         self.applier: Applier | None = None  # the staging's, kept for its counters
         self.passes = 0
         self.started = trio.current_time()
-        self.files = trio.Lock()  # staging files change shape or get flushed one at a time
-        self.flushed = (0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds
+        # the staging's files change shape or have their pages hashed under
+        # ``files``, and are synced under ``syncing`` (taken after ``files``
+        # when both are needed): a digest need not wait for a flush
+        self.files = trio.Lock()
+        self.syncing = trio.Lock()
+        self.flushed = (0, 0.0, 0.0)  # the last write-back: pages hashed and flushed, milliseconds, of them hashing
         self.ended_pass = -1  # the last pass whose END_OF_PASS arrived
-        self.durable_pass = -1  # the last pass whose pages are all on disk
-        self.sending = trio.Lock()  # ACKs and FLUSHED go from two tasks
+        self.written_back = -1  # the last pass a write-back covered
+        self.writing_back = False
 
     def progress(self) -> dict:
         applied = {
@@ -189,8 +193,7 @@ class _Session:
         return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **applied}
 
     async def send(self, event) -> None:
-        async with self.sending:
-            await self.stream.send_all(self.conn.send(event))
+        await self.stream.send_all(self.conn.send(event))
 
     async def read_stream(self, chunks: trio.MemorySendChannel) -> None:
         """Receive from the sender while earlier chunks are being applied;
@@ -245,7 +248,7 @@ class _Session:
                 assert isinstance(hello, Hello)  # the state table admits nothing else first
                 self.hello(hello)
                 caps = negotiate(
-                    hello.capabilities, (CAP_FLUSHED, CAP_XBZRLE) if self.config.xbzrle else (CAP_FLUSHED,)
+                    hello.capabilities, (CAP_VERIFIED, CAP_XBZRLE) if self.config.xbzrle else (CAP_VERIFIED,)
                 )
                 await self.send(Welcome(caps))
                 log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
@@ -258,7 +261,7 @@ class _Session:
         while True:
             event = await self.next_event(chunks)
             if isinstance(event, BlockList):
-                async with self.files:
+                async with self.files, self.syncing:
                     await trio.to_thread.run_sync(staging.set_blocks, event.blocks)
                     self.conn.set_page_sink(staging.applier)
                 log.info("set_blocks", blocks=len(event.blocks), bytes=sum(b.length for b in event.blocks))
@@ -268,30 +271,37 @@ class _Session:
                 staging.end_of_fresh_blocks()
                 await self.send(Ack(event.pass_number, self.conn.received_bytes, *self.flushed))
                 log.info("apply_pass", **{"pass": event.pass_number}, **self.progress())
-                if not self.files.locked():
+                if not self.writing_back:
+                    self.writing_back = True
                     background.start_soon(self.write_back)
             elif isinstance(event, Complete):
                 arrived = trio.current_time()
-                async with self.files:  # a write-back still running finishes first
-                    await self.commit(event.digest, event.source_info, arrived)
+                await self.commit(event.digest, event.source_info, arrived)
                 return
 
     async def write_back(self) -> None:
-        """Write the pages applied so far to disk while the next pass
-        arrives, again as long as more passes ended meanwhile, so that the
-        commit (inside the sender's downtime) has only the final pass to
-        flush; with the flushed capability, tell the sender each time (it
-        freezes its source only once the earlier passes are durable)."""
-        async with self.files:
-            while self.staging is not None and self.durable_pass < self.ended_pass:
+        """Hash and write to disk the pages applied so far while the next
+        pass arrives, again as long as more passes ended meanwhile, so that
+        the commit (inside the sender's downtime) has only the final pass's
+        pages to hash and sync."""
+        try:
+            while self.staging is not None and self.written_back < self.ended_pass:
                 through = self.ended_pass
                 started = trio.current_time()
-                pages = await trio.to_thread.run_sync(self.staging.write_back)
-                self.flushed = (pages, ms(trio.current_time() - started))
-                self.durable_pass = through
+                async with self.files:
+                    if self.staging is None:
+                        return
+                    pages = await trio.to_thread.run_sync(self.staging.rehash)
+                hashed = trio.current_time()
+                async with self.syncing:
+                    if self.staging is None:
+                        return
+                    await trio.to_thread.run_sync(self.staging.flush)
+                self.flushed = (pages, ms(trio.current_time() - started), ms(hashed - started))
+                self.written_back = through
                 log.debug("write_back", through_pass=through, pages=pages, flush_ms=self.flushed[1])
-                if CAP_FLUSHED in self.conn.capabilities:
-                    await self.send(Flushed(through, *self.flushed))
+        finally:
+            self.writing_back = False
 
     def hello(self, hello: Hello) -> None:
         name = hello.name
@@ -305,38 +315,40 @@ class _Session:
 
     async def commit(self, digest: str, source_info: dict | None, arrived: float) -> None:
         """Verify and commit; the log line splits the time (part of the
-        sender's downtime) into waiting for a write-back, the digest, and
-        the durable commit."""
+        sender's downtime, up to VERIFIED where negotiated) into waiting for
+        a write-back's hashing, the digest, the durable sync and the swap."""
         staging = self.staging
         assert staging is not None  # hello() made it
-        started = trio.current_time()
-        held = await trio.to_thread.run_sync(staging.digest)
-        verified = trio.current_time()
-        if held != digest:
-            raise DigestMismatch(
-                f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
-                "nothing was committed"
-            )
-        path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
+        async with self.files:  # a write-back's hashing finishes first; its flush may go on
+            started = trio.current_time()
+            held = await trio.to_thread.run_sync(staging.digest)
+            verified = trio.current_time()
+            if held != digest:
+                raise DigestMismatch(
+                    f"image digest mismatch: the sender sent {digest[:16]}…, the receiver holds {held[:16]}…; "
+                    "nothing was committed"
+                )
+            if CAP_VERIFIED in self.conn.capabilities:
+                await self.send(Verified(digest))
+            async with self.syncing:
+                synced = trio.current_time()
+                path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
         self.staging = None
         self.receiver.completed += 1
         timings = {
             "wait": ms(started - arrived),
             "digest": ms(verified - started),
+            "flush_wait": ms(synced - verified),
             "sync": ms(staging.sync_seconds),
             "swap": ms(staging.swap_seconds),
         }
         await self.send(Committed(digest, str(path), timings))
-        done = trio.current_time()
         log.info(
             "commit_image",
             path=str(path),
             digest=digest,
-            seconds=round(done - self.started, 3),
-            wait_ms=ms(started - arrived),
-            digest_ms=ms(verified - started),
-            sync_ms=timings["sync"],
-            swap_ms=timings["swap"],
+            seconds=round(trio.current_time() - self.started, 3),
+            **{f"{k}_ms": v for k, v in timings.items()},
             **self.progress(),
         )
         self.receiver.tidy_soon(staging)

@@ -72,7 +72,7 @@ class Control(IntEnum):
     COMPLETE = 4  # sender: all pages sent, digest of the image
     COMMITTED = 5  # receiver: image committed, digest verified
     ERROR = 6  # either side: code and message, then the connection closes
-    FLUSHED = 7  # receiver: the pages of the passes so far are on disk (capability "flushed")
+    VERIFIED = 7  # receiver: image complete, digest matched; committing (capability "verified")
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from migrated.errors import (
 from migrated.pages import image_digest, merge_pages, page_range
 from migrated.policy import DowntimeEstimate, PassReport, TokenBucket, XbzrlePolicy
 from migrated.protocol import (
-    CAP_FLUSHED,
+    CAP_VERIFIED,
     CAP_XBZRLE,
     CAPABILITIES,
     NEED_DATA,
@@ -48,9 +48,9 @@ from migrated.protocol import (
     Connection,
     EndOfPass,
     Failure,
-    Flushed,
     Hello,
     Role,
+    Verified,
     Welcome,
 )
 from migrated.records import BatchStats, BlockInfo, encode_batch
@@ -211,8 +211,8 @@ class Sender:
         self.remaining_pages = 0  # dirty pages not yet sent, as of the last scan
         self.wire: _Writer | None = None  # made by run(), on its stream
         self._acks: dict[int, float] = {}
-        self.flush_reports = False  # the receiver says when passes are durable (FLUSHED)
-        self._durable = -1  # the last pass the receiver has on disk
+        self._verified: Verified | None = None
+        self.released_at: float | None = None  # when the frozen source was released (None: not frozen yet)
         self.downtime_breakdown: dict[str, float] = {}
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
@@ -277,10 +277,11 @@ class Sender:
                 continue
             if isinstance(event, Ack):
                 self._acks[event.pass_number] = trio.current_time()
-                self.estimate.receiver_flushed(event.flushed_pages, event.flush_ms)
-            elif isinstance(event, Flushed):
-                self._durable = max(self._durable, event.pass_number)
-                self.estimate.receiver_flushed(event.pages, event.flush_ms)
+                # the flush is out of the downtime where the source is released at VERIFIED
+                early = self.source.runs_before_durable and CAP_VERIFIED in self.conn.capabilities
+                self.estimate.receiver_flushed(event.flushed_pages, event.hash_ms if early else event.flush_ms)
+            elif isinstance(event, Verified):
+                self._verified = event
             elif isinstance(event, Committed):
                 self._committed = event
             self._ack_arrived.set()
@@ -333,7 +334,7 @@ class Sender:
         return summary(self)
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
-        caps = CAPABILITIES if self.config.xbzrle else (CAP_FLUSHED,)
+        caps = CAPABILITIES if self.config.xbzrle else (CAP_VERIFIED,)
         hello = Hello(self.config.name, self.config.page_size, caps, self.source.description)
         await self._send(self.conn.send(hello))
         with answer_within("handshake answer", self.config.timeout):
@@ -341,7 +342,6 @@ class Sender:
                 await self._receive(stream)
         assert isinstance(event, Welcome)  # the state table admits nothing else
         self.xbzrle = XbzrlePolicy(negotiated=CAP_XBZRLE in event.capabilities)
-        self.flush_reports = CAP_FLUSHED in event.capabilities
         if not self.xbzrle.negotiated:
             self.cache.resize(0)
         self.setup_seconds = trio.current_time() - self.started
@@ -388,17 +388,11 @@ class Sender:
                 expected_downtime_ms=ms(self.expected_downtime),
             )
             pass_no += 1
-            fits = self.expected_downtime <= cfg.downtime_limit
-            if fits and self.flush_reports and self._durable < pass_no - 1:
-                plan = await self._wait_durable(stream, pass_no - 1, plan)
-                fits = self.expected_downtime <= cfg.downtime_limit
-            if fits:
+            if self.expected_downtime <= cfg.downtime_limit:
                 self.converged = True
                 break
             if pass_no >= cfg.max_iterations:
                 log.warning("stop_iterating", passes=pass_no, expected_downtime_ms=ms(self.expected_downtime))
-                if self.flush_reports and self._durable < pass_no - 1:  # the commit syncs only the final pass
-                    plan = await self._wait_durable(stream, pass_no - 1, plan)
                 break
             change = self.xbzrle.judge(report, pass_no)
             if change is not None and change.enabled:
@@ -411,29 +405,6 @@ class Sender:
                     overflow_rate=change.overflow_rate,
                 )
         await self._final_pass(stream, pass_no, plan)
-
-    async def _wait_durable(self, stream: trio.abc.Stream, through: int, plan):
-        """Before the freeze: wait until the receiver has every pass up to
-        ``through`` on disk, so that its commit, inside the downtime, syncs
-        only the final pass's pages. The source ran meanwhile: returns the
-        plan with what it wrote added, and the estimate redone."""
-        started = trio.current_time()
-        with answer_within(f"flush of passes up to {through}", self.config.commit_timeout):
-            await self._until(lambda: self._durable >= through)
-        waited = trio.current_time() - started
-        t_scan = trio.current_time()
-        plan = await self._plan(stream, first=False, extra={t.info.id: pages for t, _, pages in plan})
-        self.estimate.scan_seconds = trio.current_time() - t_scan
-        dirty = self.remaining_pages = sum(len(p) for _, _, p in plan)
-        self.expected_downtime = self.estimate.seconds(dirty, self.passes[-1])
-        log.info(
-            "wait_for_flush",
-            through_pass=through,
-            waited_ms=ms(waited),
-            dirty_pages=dirty,
-            expected_downtime_ms=ms(self.expected_downtime),
-        )
-        return plan
 
     async def _plan(self, stream: trio.abc.Stream, *, first: bool, extra=None):
         """Refresh the source and list, per block, the pages to send."""
@@ -540,9 +511,11 @@ class Sender:
 
     async def _final_pass(self, stream, pass_no: int, pending) -> None:
         """Freeze the source, send what is left, have the receiver commit.
-        The downtime is split in ``downtime_breakdown``."""
+        A source that may run again before the image is durable is released
+        at VERIFIED (where the receiver says it), otherwise at COMMITTED;
+        the downtime up to then is split in ``downtime_breakdown``."""
         frozen_at = trio.current_time()
-        frozen = confirmed = False
+        frozen = False
         parts: dict[str, float] = {}
         try:
             self.source.freeze()  # in this thread: ptrace ties a tracee to one thread
@@ -568,28 +541,51 @@ class Sender:
                 send_ms=parts["send_ms"],
                 digest=self.digest,
             )
+            early = self.source.runs_before_durable
             with answer_within("commit confirmation", self.config.commit_timeout):
-                await self._until(lambda: self._committed is not None)
+                await self._until(lambda: self._committed is not None or (early and self._verified is not None))
+                if self._committed is None:  # verified: the source may run while the receiver syncs
+                    assert self._verified is not None
+                    self._check_digest(self._verified.digest)
+                    self.released_at = trio.current_time()
+                    self.source.thaw(True)
+                    log.info("release_source", at="verified", downtime_ms=ms(self.released_at - frozen_at))
+                    await self._until(lambda: self._committed is not None)
             assert self._committed is not None
-            parts.update(_receiver_parts(trio.current_time() - commit_start, self._committed.timings))
-            if not self.verified:
-                raise RemoteProtocolError(
-                    f"receiver confirmed digest {self._committed.digest[:16]}…, the sender sent {self.digest[:16]}…"
-                )
-            confirmed = True  # only here: a cancellation after COMMITTED arrived still resumes the source
+            self._check_digest(self._committed.digest)
+            if self.released_at is None:
+                self.released_at = trio.current_time()
+                self.source.thaw(True)  # only here: a cancellation after COMMITTED arrived still resumes the source
+            at_verified = self._verified is not None and early
+            parts.update(
+                _receiver_parts(self.released_at - commit_start, self._committed.timings, at_verified=at_verified)
+            )
         finally:
-            self.downtime = trio.current_time() - frozen_at
+            if self.released_at is None:  # failed or cancelled: the source runs again
+                self.released_at = trio.current_time()
+                if frozen:
+                    self.source.thaw(False)  # synchronous: a cancellation cannot skip it
+            self.downtime = self.released_at - frozen_at
             self.downtime_breakdown = parts
-            self.source.thaw(confirmed and frozen)  # synchronous: a cancellation cannot skip it
+
+    def _check_digest(self, digest: str) -> None:
+        assert self.digest is not None
+        if digest != self.digest:
+            raise RemoteProtocolError(f"receiver confirmed digest {digest[:16]}…, the sender sent {self.digest[:16]}…")
 
 
-def _receiver_parts(commit_seconds: float, timings: dict[str, float] | None) -> dict[str, float]:
-    """The receiver's share of the downtime, from COMPLETE sent to COMMITTED
-    read: its own timings, and the rest (applying the records still in
-    flight, and the network) as ``receiver_apply_ms``."""
+def _receiver_parts(inside: float, timings: dict[str, float] | None, *, at_verified: bool) -> dict[str, float]:
+    """The receiver's share of the downtime, ``inside`` seconds from COMPLETE
+    sent to the release: its own timings, and the rest (applying the records
+    still in flight, and the network) as ``receiver_apply_ms``. Released at
+    VERIFIED, the sync and swap came after the downtime: they are summed as
+    ``commit_after_release_ms``."""
     timings = timings or {}
-    parts = {f"receiver_{k}_ms": timings[k] for k in ("wait", "digest", "sync", "swap") if k in timings}
-    parts["receiver_apply_ms"] = ms(max(0.0, commit_seconds * 1000 - sum(parts.values())) / 1000)
+    before = ("wait", "digest") if at_verified else ("wait", "digest", "flush_wait", "sync", "swap")
+    parts = {f"receiver_{k}_ms": timings[k] for k in before if k in timings}
+    parts["receiver_apply_ms"] = ms(max(0.0, inside - sum(parts.values()) / 1000))
+    if at_verified:
+        parts["commit_after_release_ms"] = ms(sum(timings.get(k, 0.0) for k in ("flush_wait", "sync", "swap")) / 1000)
     return parts
 
 

@@ -42,6 +42,9 @@ class Source:
 
     description = ""
     tracking = "scan"
+    #: whether the source may run again once the receiver has verified the
+    #: image, before it is durable (a stop or kill after the commit must wait)
+    runs_before_durable = True
 
     def open(self) -> None:
         pass

@@ -242,17 +242,20 @@ class Staging:
         every zero fill is written."""
         self.applier.clear_fresh()
 
-    def write_back(self) -> int:
-        """Between passes: hash the pages written so far, and flush them
-        (fdatasync covers pages written through the mmap), so that the
-        commit, inside the sender's downtime, has little left to do.
+    def rehash(self) -> int:
+        """Between passes: hash the pages written since the last call, so
+        that the digest at commit reads only what the last pass wrote.
         Returns how many pages were hashed."""
-        pages = 0
+        return sum(f.rehash() for f in list(self.blocks.values()))
+
+    def flush(self) -> None:
+        """Between passes: write the pages held to disk (fdatasync covers
+        pages written through the mapping), so that the commit has little
+        left to sync. Runs while the next pass is being applied, but never
+        while the block list changes."""
         for f in list(self.blocks.values()):
-            pages += f.rehash()
             if f.fd >= 0:
                 os.fdatasync(f.fd)
-        return pages
 
     def digest(self) -> str:
         """Digest of the pages held, computed as the sender computes it: each

@@ -542,14 +542,15 @@ def test_staging_digest_follows_every_written_page(tmp_path, length):
         staging.set_blocks([BlockInfo("ram", len(src), 4096)])
         send(first=True)
         staging.end_of_fresh_blocks()
-        staging.write_back()  # a round of hashing between passes
+        staging.rehash()  # a round of hashing between passes
         for round_ in range(3):
             for _ in range(40):
                 src[rng.randrange(len(src))] = rng.randrange(256)
             src[(20 + round_) * 4096 : (21 + round_) * 4096] = bytes([round_ + 1]) * 4096  # a fill
             send(first=False)
             if round_ == 1:
-                staging.write_back()
+                staging.rehash()
+                staging.flush()
         check()
         for new_length in (length - 5000, length + 3 * 4096 + 7):  # the block shrinks, then grows
             del src[new_length:]
@@ -660,3 +661,77 @@ async def test_receiver_lost_during_the_final_pass_resumes_the_writer(tmp_path, 
         assert source.frozen is not None, "the writer was stopped for the final pass"
         assert state(w.pid) != "T", "and it is running again"
     assert info.value.code == "network" and "receiver" in str(info.value)
+
+
+class _HeldToTheCommit(SnapshotSource):
+    """A file source whose writer must stay stopped until the image is durable."""
+
+    runs_before_durable = False
+
+
+@pytest.mark.parametrize("released", ["at-verified", "at-committed"])
+async def test_a_source_that_may_run_again_is_released_before_the_sync(tmp_path, monkeypatch, released):
+    """A file's writer runs again once the receiver has verified the image
+    (the sync and swap are out of the downtime); a source that must not run
+    before the image is durable is released at COMMITTED. The receiver's
+    commit sees which."""
+    from migrated.store import Staging
+
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    make_image(src, 4 * MiB)
+    seen = []
+    original = Staging.commit
+
+    def commit(self, digest, source_info=None):
+        seen.append(state(w.pid))
+        return original(self, digest, source_info)
+
+    monkeypatch.setattr(Staging, "commit", commit)
+    kind = SnapshotSource if released == "at-verified" else _HeldToTheCommit
+    async with running_receiver(images) as rx:
+        with writer(src, "--stride", "4096") as w:
+            source = kind(str(src), pause_pid=w.pid)
+            s = await migrate(rx.port, source, name="rel")
+            assert state(w.pid) != "T"
+    assert s["status"] == "completed" and s["verified"] and source.frozen is not None
+    assert image_bytes(images, "rel") == source.frozen
+    parts = s["downtime_breakdown"]
+    assert {"freeze_ms", "scan_ms", "send_ms", "receiver_digest_ms", "receiver_apply_ms"} <= set(parts)
+    if released == "at-verified":
+        assert seen[0] != "T", "the writer ran again before the receiver synced the image"
+        assert "commit_after_release_ms" in parts and "receiver_sync_ms" not in parts
+    else:
+        assert seen[0] == "T", "the writer stayed stopped until the image was durable"
+        assert "receiver_sync_ms" in parts and "commit_after_release_ms" not in parts
+    inside = sum(v for k, v in parts.items() if k != "commit_after_release_ms")
+    assert inside == pytest.approx(s["downtime_ms"], abs=2.0)
+
+
+async def test_a_sync_failing_after_verified_fails_the_migration_and_keeps_the_image(tmp_path, monkeypatch):
+    """The disk fills while the receiver makes a verified image durable: the
+    writer (released at VERIFIED) keeps running, the sender reports the
+    receiver's no-space error, and the previous image stays."""
+    from migrated.errors import NoSpace
+    from migrated.store import Staging
+
+    images = tmp_path / "images"
+    src = tmp_path / "src.img"
+    data = make_image(src, 4 * MiB)
+    async with running_receiver(images) as rx:
+        await migrate(rx.port, FileSource(str(src)), name="full")
+        make_image(src, 4 * MiB, seed=5)
+
+        def full(self, digest, source_info=None):
+            raise NoSpace("cannot write the manifest: not enough space (No space left on device)")
+
+        monkeypatch.setattr(Staging, "commit", full)
+        with writer(src, "--stride", "4096") as w:
+            source = SnapshotSource(str(src), pause_pid=w.pid)
+            with pytest.raises(PeerError) as err:
+                await migrate(rx.port, source, name="full")
+            assert source.frozen is not None and state(w.pid) != "T"
+        await failure_seen(rx)
+    assert err.value.code == "no-space"
+    assert image_bytes(images, "full") == data
+    assert staging_left(images) == []

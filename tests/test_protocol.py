@@ -31,6 +31,7 @@ from migrated.protocol import (
     Hello,
     Role,
     State,
+    Verified,
     Welcome,
     negotiate,
 )
@@ -129,6 +130,39 @@ def test_sender_side_events():
     s.send(Complete("d"))
     assert events(s, r.frame(Ack(1)) + r.frame(Committed("d", "/x"))) == [Ack(1), Committed("d", "/x")]
     assert s.state is State.DONE
+
+
+def test_verified_only_with_its_capability_and_committed_timings_checked():
+    from migrated.records import Control, frame_control
+
+    def completing(caps):
+        s = Connection(Role.SENDER)
+        s.send(Hello("vm", 4096))
+        events(s, Connection(Role.RECEIVER).send(Welcome(caps)))
+        s.send(Complete("d"))
+        return s
+
+    r = Connection(Role.RECEIVER)
+    r.send(Welcome(("verified",)))
+    wire = r.frame(Verified("d")) + r.frame(Committed("d", "/x", {"digest": 1.5, "sync": 20.0}))
+    assert events(completing(("verified",)), wire) == [
+        Verified("d"),
+        Committed("d", "/x", {"digest": 1.5, "sync": 20.0}),
+    ]
+    # a receiver must not send VERIFIED to a sender that did not ask for it, nor say it early
+    with pytest.raises(RemoteProtocolError, match="without the verified capability"):
+        events(completing(()), r.frame(Verified("d")))
+    with pytest.raises(LocalProtocolError, match="not negotiated"):
+        Connection(Role.RECEIVER).send(Verified("d"))
+    s = Connection(Role.SENDER)
+    s.send(Hello("vm", 4096))
+    events(s, Connection(Role.RECEIVER).send(Welcome(("verified",))))
+    with pytest.raises(RemoteProtocolError, match="Verified from the receiver is not allowed in state RUNNING"):
+        events(s, r.frame(Verified("d")))
+    for hostile in ([1], {"sync": -1}, {"sync": float("nan")}, {"x" * 40: 1}, {str(i): 1 for i in range(17)}):
+        bad = frame_control(Control.COMMITTED, {"digest": "d", "timings": hostile})
+        with pytest.raises(RemoteProtocolError, match="timings"):
+            events(completing(()), bad)
 
 
 def test_ack_reports_the_receivers_flush_and_older_acks_still_parse():
