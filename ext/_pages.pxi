@@ -254,3 +254,32 @@ def gather_iovecs(wbuf into, const uint64_t[::1] pages, const uint64_t[::1] zero
     resize(local, 2 * k)
     resize(remote, 2 * k)
     return local, remote
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.initializedcheck(False)
+def region_pages(array out, const uint64_t[::1] regions, Py_ssize_t count, uint64_t base, Py_ssize_t page_size):
+    """Append to `out` the page numbers (from `base`) of the first `count`
+    regions of a PAGEMAP_SCAN answer: (start, end, categories) triples of
+    addresses, ascending."""
+    cdef Py_ssize_t i, k, n = 0, at = len(out)
+    cdef uint64_t p, first, last, ps = page_size
+    _check_page_size(page_size)
+    if count < 0 or count > regions.shape[0] // 3:
+        raise ValueError("more regions than the buffer holds")
+    for i in range(count):
+        if regions[3 * i] < base or regions[3 * i + 1] < regions[3 * i]:
+            raise ValueError("a region outside the range scanned")
+        n += <Py_ssize_t>((regions[3 * i + 1] - regions[3 * i]) // ps)
+    resize(out, at + n)
+    cdef uint64_t[::1] ov = out
+    k = at
+    with nogil:
+        for i in range(count):
+            first = (regions[3 * i] - base) // ps
+            last = (regions[3 * i + 1] - base) // ps
+            for p in range(first, last):
+                ov[k] = p
+                k += 1
+    return out

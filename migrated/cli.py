@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure XBZRLE encode/decode, batch encode (cache + framing), batch apply and the dirty "
             "scan against memcmp/memcpy, then end-to-end loopback migration against a raw socket copy, "
+            "then live processes of 256 MiB and 1 GiB migrated by pid with userfaultfd tracking and with "
+            "the scan (MIGRATED_BENCH_SIZES=256,1024,4096 for more), "
             "then the original XBZRLE experiment at several bandwidths."
         ),
     )
@@ -404,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="repetitions, best is kept (default 3; at least 5 end to end)",
     )
-    b.add_argument("--parts", default="core,e2e,experiment", help="comma-separated parts to run (default all)")
+    b.add_argument(
+        "--parts",
+        default="core,e2e,scaling,experiment",
+        help="comma-separated parts to run: core, e2e, scaling, experiment (default all)",
+    )
     b.set_defaults(func=_bench)
     return parser
 

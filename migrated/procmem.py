@@ -207,7 +207,7 @@ class ProcessSource(Source):
         self._tracked: dict[
             str, tuple[int, int]
         ] = {}  # (start, length) registered with the tracker; (0, -1): cannot be
-        self._entries: dict[str, array] = {}  # its pagemap entries
+        self._present: dict[str, array] = {}  # its pages present or swapped out
         self._zero: dict[str, array] = {}  # pages known to be zero (not read)
         self._dirty: dict[str, array] = {}  # pages written since the last refresh, where the kernel says
         self._chunks: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hash-scan buffers, one per thread
@@ -259,35 +259,51 @@ class ProcessSource(Source):
             self._log_left_out(left_out)
         soft = self.tracking == "soft-dirty" and not self.frozen
         ids = block_ids(chosen)
-        # a new mapping is registered before its pagemap is read: a write in
-        # between is then either in the pagemap or reported by the tracker
+        # a new mapping is registered before its pages are looked at: a write
+        # in between is then either seen present or reported by the tracker
         tracked = {bid: self.tracker is not None and self._track(m, bid) for m, bid in zip(chosen, ids, strict=True)}
-        pagemaps = {bid: self._pagemap_of(m) for m, bid in zip(chosen, ids, strict=True)}
+        entries: dict[str, array] = {}
+        present: dict[str, array] = {}
+        for m, bid in zip(chosen, ids, strict=True):
+            if tracked[bid]:
+                assert self.tracker is not None
+                present[bid] = self.tracker.present(m.start, m.length)
+            else:
+                entries[bid] = self._pagemap_of(m)
+                present[bid] = pages.select_pages(entries[bid], PM_PRESENT | PM_SWAPPED)
         if soft:
             self._clear_soft_dirty()
         blocks = []
         for m, bid in zip(chosen, ids, strict=True):
-            entries = pagemaps[bid]
             old = self._maps.get(bid)
             known = old is not None and (old.start, old.length) == (m.start, m.length)
             if known and tracked[bid]:
-                dirty, zero = self._written(m, bid, entries)
+                assert self.tracker is not None
+                dirty, zero = self._with_cleared(m, bid, self.tracker.written(m.start, m.length), present[bid])
             elif known and soft:
-                dirty, zero = self._soft_dirty(m, bid, entries)
+                dirty, zero = self._with_cleared(m, bid, pages.select_pages(entries[bid], PM_SOFT_DIRTY), present[bid])
             else:  # read whole, or hash-scanned: the scan finds what changed
                 dirty = None
-                zero = pages.select_pages(entries, PM_PRESENT | PM_SWAPPED, False) if m.anonymous else array("Q")
+                zero = self._absent(m, present[bid])
             if dirty is None:
                 self._dirty.pop(bid, None)
             else:
                 self._dirty[bid] = dirty
-            self._zero[bid], self._entries[bid], self._maps[bid] = zero, entries, m
+            self._zero[bid], self._present[bid], self._maps[bid] = zero, present[bid], m
             info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
             blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), None))
         for gone in set(self._maps) - set(ids):
-            for held in (self._maps, self._entries, self._zero, self._dirty, self._tracked):
+            for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
                 held.pop(gone, None)
         return blocks
+
+    @staticmethod
+    def _absent(m: Mapping, present: array) -> array:
+        """The pages known to be zero: anonymous pages neither present nor
+        swapped (an absent page of a file mapping still holds the file's bytes)."""
+        if not m.anonymous:
+            return array("Q")
+        return pages.difference_pages(pages.page_range(0, m.length // PAGE), present)
 
     def _log_left_out(self, left_out: list[dict]) -> None:
         new = [item for item in left_out if item not in self.left_out]
@@ -321,24 +337,15 @@ class ProcessSource(Source):
         self._tracked[bid] = (m.start, m.length)
         return True
 
-    def _written(self, m: Mapping, bid: str, entries: array) -> tuple[array, array]:
-        """For a tracked block: (pages to send, pages of those now zero). They
-        are the pages written since the last pass, and the ones that went
-        from present to absent (a kernel before the July 2026 fixes does not
-        report a huge page dropped by MADV_DONTNEED as written: this counts
-        every such drop as a change)."""
-        assert self.tracker is not None
-        written = self.tracker.written(m.start, m.length)
-        return self._with_cleared(m, bid, written, entries)
-
-    def _soft_dirty(self, m: Mapping, bid: str, entries: array) -> tuple[array, array]:
-        """Like ``_written``, from the soft-dirty bits of the pagemap."""
-        return self._with_cleared(m, bid, pages.select_pages(entries, PM_SOFT_DIRTY), entries)
-
-    def _with_cleared(self, m: Mapping, bid: str, written: array, entries: array) -> tuple[array, array]:
+    def _with_cleared(self, m: Mapping, bid: str, written: array, present: array) -> tuple[array, array]:
+        """For a block whose writes the kernel reports: (pages to send, pages
+        of those now zero). They are the pages written since the last pass,
+        and the ones that went from present to absent (a kernel before the
+        July 2026 fixes does not report a huge page dropped by MADV_DONTNEED
+        as written: this counts every such drop as a change)."""
         if not m.anonymous:  # an absent page of a file mapping still holds the file's bytes
             return written, array("Q")
-        cleared = pages.cleared_pages(self._entries.get(bid, entries), entries, PM_PRESENT | PM_SWAPPED)
+        cleared = pages.difference_pages(self._present.get(bid, present), present)
         if not len(cleared):
             return written, cleared
         return pages.merge_pages(written, cleared), pages.difference_pages(cleared, written)
@@ -471,7 +478,7 @@ class ProcessSource(Source):
         if self.tracker is not None:
             self.tracker.close()  # unregisters and unprotects everything: the target is as it was
             self.tracker = None
-        for held in (self._maps, self._entries, self._zero, self._dirty, self._tracked):
+        for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
             held.clear()
         for fd in (self._mem, self._pagemap):
             if fd >= 0:

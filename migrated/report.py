@@ -37,6 +37,7 @@ def summary(s: Sender) -> dict[str, Any]:
     out: dict[str, Any] = {
         "status": str(s.status),
         "converged": s.converged,
+        "stop_reason": s.stop_reason,
         "iterations": len(s.passes),
         "total_time_ms": ms(end - s.started),
         "setup_time_ms": ms(s.setup_seconds),
@@ -74,8 +75,10 @@ def summary(s: Sender) -> dict[str, Any]:
                 "seconds": round(r.seconds, 4),
                 "xbzrle": r.xbzrle,
                 "xbzrle_pages": r.stats.xbzrle_pages,
+                # finding the pages dirty after this pass (the final pass: what the freeze left)
+                "scan_ms": ms(s.scan_seconds[i]) if i < len(s.scan_seconds) else None,
             }
-            for r in s.passes
+            for i, r in enumerate(s.passes)
         ],
         "digest": s.digest,
         "verified": s.verified,

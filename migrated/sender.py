@@ -79,6 +79,9 @@ class SendConfig:
     page_size: int = 4096
     timeout: float = 60.0  # for each answer from the receiver
     commit_timeout: float = 600.0  # for COMMITTED (the receiver fsyncs the image)
+    # stop iterating once finding the dirty pages alone takes longer than the
+    # downtime limit (tests that force passes with a tiny limit turn it off)
+    stop_at_floor: bool = True
 
 
 @dataclass
@@ -199,9 +202,11 @@ class Sender:
         self.estimate = DowntimeEstimate(config.page_size, config.max_bandwidth)
         self.layout = _Layout()
         self.passes: list[PassReport] = []
+        self.scan_seconds: list[float] = []  # finding the pages dirty after each pass (the final one's included)
         self.expected_downtime = 0.0
         self.downtime: float | None = None
         self.converged = False
+        self.stop_reason = ""  # why the pre-copy passes ended: converged, iterations, floor
         self.digest: str | None = None
         self.error: dict | None = None
         self.started = trio.current_time()
@@ -366,6 +371,7 @@ class Sender:
             t_scan = trio.current_time()
             plan = await self._plan(stream, first=False)
             self.estimate.scan_seconds = trio.current_time() - t_scan
+            self.scan_seconds.append(self.estimate.scan_seconds)
             dirty = self.remaining_pages = sum(len(p) for _, _, p in plan)
             self.dirty_rate = dirty / max(report.seconds + self.estimate.scan_seconds, 1e-6)
             self.expected_downtime = self.estimate.seconds(dirty, report)
@@ -390,9 +396,25 @@ class Sender:
             pass_no += 1
             if self.expected_downtime <= cfg.downtime_limit:
                 self.converged = True
+                self.stop_reason = "converged"
                 break
+            self.stop_reason = "iterations"
             if pass_no >= cfg.max_iterations:
                 log.warning("stop_iterating", passes=pass_no, expected_downtime_ms=ms(self.expected_downtime))
+                break
+            if cfg.stop_at_floor and report.number >= 1 and self.estimate.scan_seconds > cfg.downtime_limit:
+                # the final pass repeats this scan with the source frozen: no
+                # number of passes can bring the downtime under the limit
+                self.stop_reason = "floor"
+                log.warning(
+                    "stop_iterating",
+                    passes=pass_no,
+                    reason="finding the dirty pages alone takes longer than the downtime limit",
+                    scan_ms=ms(self.estimate.scan_seconds),
+                    downtime_limit_ms=ms(cfg.downtime_limit),
+                    expected_downtime_ms=ms(self.expected_downtime),
+                    hint="track the writer's dirty pages (--dirty-tracking uffd for a process) or raise the limit",
+                )
                 break
             change = self.xbzrle.judge(report, pass_no)
             if change is not None and change.enabled:
@@ -526,6 +548,7 @@ class Sender:
             plan = await self._plan(stream, first=False, extra=extra)
             send_start = trio.current_time()
             parts["scan_ms"] = ms(send_start - scan_start)
+            self.scan_seconds.append(send_start - scan_start)
             report = await self._send_pass(stream, pass_no, plan, final=True)
             self.digest = image_digest((t.info.id, t.info.length, t.hashes) for t, _, _ in plan)
             await self._send(self.conn.send(Complete(self.digest, self.source.info())))

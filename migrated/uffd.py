@@ -29,6 +29,7 @@ from array import array
 
 import structlog
 
+from migrated import _core
 from migrated.errors import ProcessGone, SourceError
 from migrated.freeze import PTRACE_DETACH, PTRACE_INTERRUPT, PTRACE_SEIZE, WALL, ptrace
 
@@ -55,6 +56,8 @@ PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_WP_MATCHING = 1
 PM_SCAN_CHECK_WPASYNC = 2
 PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
 SCAN_REGIONS = 1024  # page regions per ioctl
 
 
@@ -138,6 +141,9 @@ class UffdTracker:
         self.fd = fd  # our copy of the target's userfaultfd
         self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._regions = (_Region * SCAN_REGIONS)()
+        self._region_words = (
+            memoryview(self._regions).cast("B").cast("Q")
+        )  # the same, as (start, end, categories) words
         self.ranges: dict[int, int] = {}  # start -> length, registered
 
     # -- set-up -----------------------------------------------------------
@@ -186,16 +192,26 @@ class UffdTracker:
         """The pages of ``[start, start + length)`` written since the last
         call (page numbers from ``start``), write-protected again in the same
         step, so that no write falls between the report and the protection."""
+        return self._scan(start, length, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+
+    def present(self, start: int, length: int) -> array:
+        """The pages of ``[start, start + length)`` present or swapped out
+        (page numbers from ``start``): what reading the pagemap entries would
+        say, in ranges, so about a tenth of the time for a large mapping."""
+        return self._scan(start, length, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0, anyof=True)
+
+    def _scan(self, start: int, length: int, categories: int, flags: int, *, anyof: bool = False) -> array:
         out = array("Q")
         arg = _ScanArg(
             size=ctypes.sizeof(_ScanArg),
-            flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags=flags,
             start=start,
             end=start + length,
             vec=ctypes.addressof(self._regions),
             vec_len=SCAN_REGIONS,
-            category_mask=PAGE_IS_WRITTEN,
-            return_mask=PAGE_IS_WRITTEN,
+            category_mask=0 if anyof else categories,
+            category_anyof_mask=categories if anyof else 0,
+            return_mask=categories,
         )
         while arg.start < arg.end:
             try:
@@ -204,8 +220,7 @@ class UffdTracker:
                 if exc.errno == errno.ESRCH:
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
                 raise SourceError(f"PAGEMAP_SCAN of process {self.pid} failed: {exc.strerror}") from None
-            for r in self._regions[:n]:  # regions, not pages: a few per pass
-                out.extend(range((r.start - start) // PAGE, (r.end - start) // PAGE))
+            _core.region_pages(out, self._region_words, n, start, PAGE)
             if arg.walk_end <= arg.start:
                 break
             arg.start = arg.walk_end

@@ -86,7 +86,12 @@ async def test_downtime_estimate_includes_the_receivers_flush(tmp_path):
         async with running_receiver(images) as rx:
             # passes enough for a write-back to finish and be reported
             sender, summary = await migrate_with(
-                rx.port, SnapshotSource(str(src), pause_pid=w.pid), name="est", downtime_limit=0.001, max_iterations=8
+                rx.port,
+                SnapshotSource(str(src), pause_pid=w.pid),
+                name="est",
+                downtime_limit=0.001,
+                max_iterations=8,
+                stop_at_floor=False,
             )
     assert summary["status"] == "completed" and summary["iterations"] == 9
     estimate = sender.estimate
@@ -167,6 +172,7 @@ async def test_thrashing_cache_switches_xbzrle_off(tmp_path):
                 max_bandwidth=64 * MiB,
                 downtime_limit=0.001,
                 max_iterations=5,
+                stop_at_floor=False,
             )
     assert summary["status"] == "completed"
     assert summary["xbzrle"]["passes_off"] >= 1
@@ -735,3 +741,18 @@ async def test_a_sync_failing_after_verified_fails_the_migration_and_keeps_the_i
     assert err.value.code == "no-space"
     assert image_bytes(images, "full") == data
     assert staging_left(images) == []
+
+
+async def test_a_scan_longer_than_the_limit_stops_iterating_after_the_first_dirty_pass(tmp_path):
+    """The final pass repeats the scan with the source frozen: when the scan
+    alone takes longer than the limit, more passes cannot help."""
+    src = tmp_path / "src.img"
+    make_image(src, 4 * MiB)
+    async with running_receiver(tmp_path / "images") as rx:
+        s = await migrate(rx.port, FileSource(str(src)), name="floor", downtime_limit=1e-6, max_iterations=30)
+        assert s["stop_reason"] == "floor" and not s["converged"] and s["iterations"] == 3  # 0, 1 and the final
+        s = await migrate(
+            rx.port, FileSource(str(src)), name="floor", downtime_limit=1e-6, max_iterations=4, stop_at_floor=False
+        )
+        assert s["stop_reason"] == "iterations" and s["iterations"] == 5
+    assert image_bytes(tmp_path / "images", "floor") == src.read_bytes()

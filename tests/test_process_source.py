@@ -19,7 +19,7 @@ from daemons import failure_seen, migrate, running_receiver, state
 from structlog.testing import capture_logs
 
 from migrated import _core, uffd
-from migrated._tools import loadgen
+from migrated._tools import loadgen, memwriter
 from migrated._tools.localrun import CLI
 from migrated.errors import MigrationError, SourceError, first_migration_error
 from migrated.pages import cleared_pages, difference_pages, select_pages
@@ -99,7 +99,13 @@ async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child, t
     async with running_receiver(images) as rx:
         source = ProcessSource(child.pid, after="stop", tracking=tracking)
         summary = await migrate(
-            rx.port, source, name="proc", max_bandwidth=64 * MiB, downtime_limit=0.002, max_iterations=3
+            rx.port,
+            source,
+            name="proc",
+            max_bandwidth=64 * MiB,
+            downtime_limit=0.002,
+            max_iterations=3,
+            stop_at_floor=False,
         )
     assert summary["status"] == "completed" and summary["verified"]
     assert summary["iterations"] == 4  # pass 0, two dirty passes, the final pass
@@ -143,7 +149,13 @@ async def test_mappings_created_and_removed_mid_migration(tmp_path, child, track
     async with running_receiver(images) as rx:
         source = _SwappingSource(child, after="resume", tracking=tracking)
         summary = await migrate(
-            rx.port, source, name="maps", max_bandwidth=64 * MiB, downtime_limit=0.001, max_iterations=4
+            rx.port,
+            source,
+            name="maps",
+            max_bandwidth=64 * MiB,
+            downtime_limit=0.001,
+            max_iterations=4,
+            stop_at_floor=False,
         )
     assert summary["status"] == "completed" and source.refreshes >= 3
     blocks = manifest(images, "maps")["blocks"]
@@ -170,7 +182,7 @@ async def test_child_exiting_mid_migration_fails_cleanly(tmp_path, child):
     async with running_receiver(images) as rx:
         source = ProcessSource(child.pid)
         source.open()
-        sender = Sender(source, SendConfig("gone", max_bandwidth=64 * MiB, downtime_limit=0.001))
+        sender = Sender(source, SendConfig("gone", max_bandwidth=64 * MiB, downtime_limit=0.001, stop_at_floor=False))
         stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
         with trio.fail_after(60), pytest.raises(MigrationError) as info, first_migration_error():
             async with trio.open_nursery() as nursery:
@@ -283,7 +295,13 @@ async def test_a_block_the_target_tracks_itself_falls_back_to_the_scan(tmp_path,
         async with running_receiver(images) as rx:
             source = ProcessSource(child.pid, after="resume", tracking="uffd")
             summary = await migrate(
-                rx.port, source, name="mixed", max_bandwidth=64 * MiB, downtime_limit=0.002, max_iterations=3
+                rx.port,
+                source,
+                name="mixed",
+                max_bandwidth=64 * MiB,
+                downtime_limit=0.002,
+                max_iterations=3,
+                stop_at_floor=False,
             )
     assert summary["status"] == "completed" and summary["dirty_tracking"] == "uffd"
     fell_back = [e for e in logs if e["event"] == "track_by_scan"]
@@ -313,6 +331,21 @@ def test_gather_iovecs_merges_runs_and_zero_fills_known_zero_pages():
     assert into[:PAGE] == b"\xaa" * PAGE and into[2 * PAGE : 5 * PAGE] == b"\xaa" * 3 * PAGE
     with pytest.raises(ValueError, match="too small"):
         _core.gather_iovecs(bytearray(5 * PAGE), wanted, array("Q"), remote, PAGE)
+
+
+def test_region_pages_from_a_recorded_pagemap_scan_answer():
+    base = 0x7F0000000000
+    regions = array("Q", [base + PAGE, base + 3 * PAGE, 8, base + 9 * PAGE, base + 10 * PAGE, 8, 0, 0, 0])
+    out = _core.region_pages(array("Q", [99]), regions, 2, base, PAGE)
+    assert list(out) == [99, 1, 2, 9]  # appended
+    assert list(_core.region_pages(array("Q"), regions, 0, base, PAGE)) == []
+    with pytest.raises(ValueError, match="more regions"):
+        _core.region_pages(array("Q"), regions, 4, base, PAGE)
+    with pytest.raises(ValueError, match="outside"):
+        _core.region_pages(array("Q"), regions, 2, base + 2 * PAGE, PAGE)
+    backwards = array("Q", [base + 3 * PAGE, base + PAGE, 8])
+    with pytest.raises(ValueError, match="outside"):
+        _core.region_pages(array("Q"), backwards, 1, base, PAGE)
 
 
 def test_known_zero_pages_from_recorded_pagemap_entries():
@@ -566,37 +599,14 @@ def test_a_heap_in_two_mappings_is_two_blocks():
     assert block_ids(maps) == ["[heap]", "555555560000:[heap]", "7ffff7dd0000:anon"]
 
 
-# A child with BIG bytes of anonymous memory, every page different, that
-# keeps writing 4 bytes into 1% of its pages every 100 ms.
-BIG_CHILD = textwrap.dedent(
-    """
-    import mmap, os, sys, time
-    size = int(sys.argv[1])
-    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    seed = os.urandom(1 << 20)
-    for off in range(0, size, 1 << 20):
-        m[off : off + (1 << 20)] = seed
-        m[off : off + 8] = off.to_bytes(8, "little")
-    print("ready", flush=True)
-    n = 0
-    while True:
-        for off in range(n % 100 * 4096, size, 100 * 4096):
-            m[off + 64 : off + 68] = n.to_bytes(4, "little")
-        n += 1
-        time.sleep(0.1)
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tracking", ["uffd", "scan"])
 def test_sender_memory_stays_bounded_for_a_process_larger_than_its_cache(receiver, tracking):
     """The sender reads a 384 MiB process through batch buffers: its peak
     resident memory stays near its 16 MiB cache, not near the process's size."""
     size = 384 * MiB
-    child = subprocess.Popen([sys.executable, "-c", BIG_CHILD, str(size)], stdout=subprocess.PIPE, text=True)
+    child = memwriter.start(size)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         args = ["--source", f"pid:{child.pid}", "--to", receiver.address, "--name", "big", "--json"]
         args += ["--cache-size", "16MiB", "--dirty-tracking", tracking, "--after", "resume"]
         sender = subprocess.Popen([*CLI, "send", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

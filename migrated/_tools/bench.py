@@ -10,6 +10,7 @@ printed next to the figures for a human (or CI log reader) to compare.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -258,7 +259,7 @@ def format_core(result: dict) -> str:
 def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=None) -> dict:
     """Every benchmark part named in ``parts`` (comma-separated)."""
     wanted = {p.strip() for p in parts.split(",") if p.strip()}
-    unknown = wanted - {"core", "e2e", "experiment"}
+    unknown = wanted - {"core", "e2e", "scaling", "experiment"}
     if unknown:
         raise ValueError(f"unknown bench parts: {sorted(unknown)}")
     result: dict = {}
@@ -270,6 +271,12 @@ def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=N
         # at least 5: on this kind of VM a migration's first touch of memory
         # its host took back is slow, and no ceiling touches new memory
         result["e2e"] = bench_e2e.run_e2e(repeat=max(repeat, bench_e2e.MIN_REPEAT), progress=progress)
+    if "scaling" in wanted:
+        from migrated._tools import bench_e2e
+
+        sizes = os.environ.get("MIGRATED_BENCH_SIZES")  # e.g. "256,1024,4096" (MiB)
+        chosen = tuple(int(x) for x in sizes.split(",")) if sizes else bench_e2e.SCALING_SIZES_MIB
+        result["scaling"] = bench_e2e.run_scaling(chosen, progress=progress)
     if "experiment" in wanted:
         from migrated._tools import bench_e2e
 
@@ -281,11 +288,13 @@ def format_all(result: dict) -> str:
     out = []
     if "core" in result:
         out.append(format_core(result["core"]))
-    if "e2e" in result or "experiment" in result:
+    if "e2e" in result or "scaling" in result or "experiment" in result:
         from migrated._tools import bench_e2e
 
         if "e2e" in result:
             out.append(bench_e2e.format_e2e(result["e2e"]))
+        if "scaling" in result:
+            out.append(bench_e2e.format_scaling(result["scaling"]))
         if "experiment" in result:
             out.append(bench_e2e.format_experiment(result["experiment"]))
     return "\n\n".join(out)

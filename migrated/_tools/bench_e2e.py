@@ -6,6 +6,11 @@ the same run, and the XBZRLE experiment on a live process.
   against a plain socket copy of the same file between the same kind of
   processes; and the wire bytes of a pass in which 4096 pages have 4 bytes
   changed each.
+- ``run_scaling``: live processes of 256 MiB and 1 GiB (more with
+  ``sizes``) writing 4 bytes into 1% of their pages every 100 ms, migrated
+  by pid with userfaultfd tracking and with the hash scan: passes,
+  convergence, downtime and its parts, wire bytes per byte of memory, the
+  cost of finding dirty pages per pass, sender CPU and peak memory.
 - ``run_experiment``: the original XBZRLE test workload (16 MiB, one byte in
   every KiB incremented in an endless loop) migrated by pid at several
   bandwidths with and without XBZRLE, and the load generator's slowdown
@@ -15,9 +20,11 @@ the same run, and the XBZRLE experiment on a live process.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +35,7 @@ from migrated._tools.localrun import CLI, ReceiverProcess
 
 MiB = 1 << 20
 E2E_TARGET = 0.9
-MIN_REPEAT = 5  # runs of the end-to-end part, best kept
+MIN_REPEAT = 5  # runs of the end-to-end part: the median of each run's ratios to its own ceilings is kept
 WIRE_TARGET = 32
 
 
@@ -179,18 +186,19 @@ def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> di
                 )
         finally:
             receiver.stop()
-        best_copy = min(r["socket_copy_s"] for r in runs)
-        best_file_copy = min(r["file_copy_s"] for r in runs)
-        best_pass0 = min(r["pass0_s"] for r in runs)
         wire = wire_bytes_per_sparse_page()
         note(f"e2e: {wire['bytes_per_page']:.1f} wire bytes per sparse page")
+    med = statistics.median
     return {
         "image_bytes": size,
-        "socket_copy_mbps": size / best_copy / 1e6,
-        "pass0_mbps": size / best_pass0 / 1e6,
-        "ratio": best_copy / best_pass0,
-        "file_copy_mbps": size / best_file_copy / 1e6,
-        "file_ratio": best_file_copy / best_pass0,
+        "socket_copy_mbps": med(size / r["socket_copy_s"] for r in runs) / 1e6,
+        "pass0_mbps": med(size / r["pass0_s"] for r in runs) / 1e6,
+        # each migration against the ceilings run right before it: the
+        # machine's drift between runs does not count
+        "ratio": med(r["socket_copy_s"] / r["pass0_s"] for r in runs),
+        "file_copy_mbps": med(size / r["file_copy_s"] for r in runs) / 1e6,
+        "file_ratio": med(r["file_copy_s"] / r["pass0_s"] for r in runs),
+        "pair_ratios": [round(r["socket_copy_s"] / r["pass0_s"], 3) for r in runs],
         "target": E2E_TARGET,
         "pass0_wire_bytes": summary["passes"][0]["wire_bytes"],
         "zero_pages": summary["ram"]["zero_pages"],
@@ -206,15 +214,116 @@ def format_e2e(r: dict) -> str:
     wflag = "" if w["bytes_per_page"] <= r["wire_target"] else "  ABOVE TARGET"
     return "\n".join(
         [
-            f"end to end over loopback: {r['image_bytes'] >> 20} MiB image, 40% zero pages",
+            f"end to end over loopback: {r['image_bytes'] >> 20} MiB image, 40% zero pages "
+            f"(medians of {len(r['runs'])} runs, each against its own ceilings)",
             f"  socket copy (sendfile -> recv_into)  {r['socket_copy_mbps']:8.0f} MB/s",
             f"  socket copy written to a file        {r['file_copy_mbps']:8.0f} MB/s",
             f"  migrated pass 0                      {r['pass0_mbps']:8.0f} MB/s  "
             f"x copy {r['ratio']:.2f} (target {r['target']}){flag}, x copy to a file {r['file_ratio']:.2f}",
+            f"  each run x copy: {', '.join(f'{x:.2f}' for x in r['pair_ratios'])}",
             f"  sparse pass: {w['pages']} pages, {w['wire_bytes']} wire bytes, "
             f"{w['bytes_per_page']:.1f} B/page (target <= {r['wire_target']}){wflag}",
         ]
     )
+
+
+SCALING_SIZES_MIB = (256, 1024)
+TRACKING_COST_TARGET = 20  # the scan's cost per pass over uffd's, at least
+DOWNTIME_CRIU_MS = {256: 130, 1024: 409}  # CRIU 4.2's stop-and-copy freeze of the same process here
+
+
+def run_scaling(sizes=SCALING_SIZES_MIB, trackings=("uffd", "scan"), progress=None) -> dict:
+    """Migrate live processes (migrated._tools.memwriter) by pid through
+    the CLI, once per size and tracking; each run is fresh, the image removed."""
+    from migrated._tools import memwriter
+
+    note = progress or (lambda msg: None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
+        try:
+            for size_mib in sizes:
+                for tracking in trackings:
+                    child = memwriter.start(size_mib * MiB)
+                    try:
+                        row = _scaling_run(receiver, child.pid, size_mib, tracking, tmp)
+                    finally:
+                        child.kill()
+                        child.wait()
+                    _remove_image(receiver.dir / row["name"])
+                    rows.append(row)
+                    note(
+                        f"scaling: {size_mib} MiB {tracking}: {row['passes']} passes, "
+                        f"converged {row['converged']}, downtime {row['downtime_ms']} ms"
+                    )
+        finally:
+            receiver.stop()
+    return {"rows": rows, "tracking_cost_target": TRACKING_COST_TARGET, "criu_ms": DOWNTIME_CRIU_MS}
+
+
+def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: str, tmp: Path) -> dict:
+    name = f"scale{size_mib}{tracking}"
+    args = ["--source", f"pid:{pid}", "--to", receiver.address, "--name", name, "--json"]
+    args += ["--dirty-tracking", tracking, "--after", "resume"]
+    with open(tmp / "send.out", "w+") as out, open(tmp / "send.err", "w") as err:
+        sender = subprocess.Popen([*CLI, "send", *args], stdout=out, stderr=err)
+        _, status, usage = os.wait4(sender.pid, 0)
+        out.seek(0)
+        text = out.read()
+    if os.waitstatus_to_exitcode(status) not in (0, 1) or not text:
+        raise RuntimeError(f"migrated send exited {os.waitstatus_to_exitcode(status)}: see {tmp / 'send.err'}")
+    s = json.loads(text)
+    passes = s["passes"]
+    scans = [p["scan_ms"] for p in passes[1:-1] if p["scan_ms"] is not None]  # between pre-copy passes
+    return {
+        "name": name,
+        "size_mib": size_mib,
+        "tracking": s["dirty_tracking"],
+        "status": s["status"],
+        "passes": len(passes),
+        "converged": s["converged"],
+        "total_s": s["total_time_ms"] / 1000,
+        "downtime_ms": s["downtime_ms"],
+        "downtime_breakdown": s["downtime_breakdown"],
+        "wire_per_byte": s["ram"]["transferred_bytes"] / (size_mib * MiB),
+        "tracking_ms_per_pass": statistics.median(scans) if scans else None,
+        "sender_cpu_s": usage.ru_utime + usage.ru_stime,
+        "sender_peak_mib": s["sender_peak_rss_bytes"] / MiB,
+    }
+
+
+def format_scaling(r: dict) -> str:
+    lines = [
+        "live processes writing 4 bytes into 1% of their pages every 100 ms, migrated by pid (--after resume)",
+        f"{'size':>6} {'tracking':<8} {'passes':>6} {'conv':>5} {'total s':>8} {'downtime ms':>11} "
+        f"{'wire/size':>9} {'find dirty ms/pass':>18} {'CPU s':>6} {'peak MiB':>8}",
+    ]
+    by = {(row["size_mib"], row["tracking"]): row for row in r["rows"]}
+    for row in r["rows"]:
+        t = row["tracking_ms_per_pass"]
+        lines.append(
+            f"{row['size_mib']:>4}Mi {row['tracking']:<8} {row['passes']:>6} {str(row['converged']):>5} "
+            f"{row['total_s']:>8.1f} {row['downtime_ms']:>11.0f} {row['wire_per_byte']:>9.2f} "
+            f"{t if t is not None else float('nan'):>18.1f} {row['sender_cpu_s']:>6.1f} {row['sender_peak_mib']:>8.0f}"
+        )
+    for (size, tracking), row in by.items():
+        criu = r["criu_ms"].get(size)
+        if tracking == "uffd" and criu:
+            flag = "" if row["downtime_ms"] < criu else "  ABOVE TARGET"
+            lines.append(
+                f"  {size} MiB uffd downtime {row['downtime_ms']:.0f} ms vs CRIU stop-and-copy {criu} ms{flag}"
+            )
+        scan = by.get((size, "scan"))
+        if tracking == "uffd" and scan and row["tracking_ms_per_pass"] and scan["tracking_ms_per_pass"]:
+            ratio = scan["tracking_ms_per_pass"] / row["tracking_ms_per_pass"]
+            flag = "" if ratio >= r["tracking_cost_target"] else "  BELOW TARGET"
+            target = r["tracking_cost_target"]
+            lines.append(f"  {size} MiB finding dirty pages: scan / uffd = {ratio:.0f}x (target >= {target}){flag}")
+    for row in r["rows"]:
+        parts = ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in row["downtime_breakdown"].items())
+        lines.append(f"  {row['size_mib']} MiB {row['tracking']} downtime parts (ms): {parts}")
+    return "\n".join(lines)
 
 
 def run_experiment(progress=None, bandwidths=("2M", "8M", "32M", "unlimited"), max_iterations: int = 3) -> dict:
