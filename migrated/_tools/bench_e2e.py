@@ -34,7 +34,8 @@ from pathlib import Path
 from migrated._tools.localrun import CLI, ReceiverProcess
 
 MiB = 1 << 20
-E2E_TARGET = 0.9
+E2E_TARGET = 0.9  # pass 0 over a socket copy that writes nothing
+FILE_TARGET = 0.8  # pass 0 over the same copy written to a file (which allocates page cache, as the receiver does)
 MIN_REPEAT = 5  # runs of the end-to-end part: the median of each run's ratios to its own ceilings is kept
 WIRE_TARGET = 32
 
@@ -200,6 +201,7 @@ def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> di
         "file_ratio": med(r["file_copy_s"] / r["pass0_s"] for r in runs),
         "pair_ratios": [round(r["socket_copy_s"] / r["pass0_s"], 3) for r in runs],
         "target": E2E_TARGET,
+        "file_target": FILE_TARGET,
         "pass0_wire_bytes": summary["passes"][0]["wire_bytes"],
         "zero_pages": summary["ram"]["zero_pages"],
         "sparse_pass": wire,
@@ -211,6 +213,7 @@ def run_e2e(size_mib: int = 1024, repeat: int = MIN_REPEAT, progress=None) -> di
 def format_e2e(r: dict) -> str:
     w = r["sparse_pass"]
     flag = "" if r["ratio"] >= r["target"] else "  BELOW TARGET"
+    fflag = "" if r["file_ratio"] >= r["file_target"] else "  BELOW TARGET"
     wflag = "" if w["bytes_per_page"] <= r["wire_target"] else "  ABOVE TARGET"
     return "\n".join(
         [
@@ -219,7 +222,8 @@ def format_e2e(r: dict) -> str:
             f"  socket copy (sendfile -> recv_into)  {r['socket_copy_mbps']:8.0f} MB/s",
             f"  socket copy written to a file        {r['file_copy_mbps']:8.0f} MB/s",
             f"  migrated pass 0                      {r['pass0_mbps']:8.0f} MB/s  "
-            f"x copy {r['ratio']:.2f} (target {r['target']}){flag}, x copy to a file {r['file_ratio']:.2f}",
+            f"x copy {r['ratio']:.2f} (target {r['target']}){flag}, "
+            f"x copy to a file {r['file_ratio']:.2f} (target {r['file_target']}){fflag}",
             f"  each run x copy: {', '.join(f'{x:.2f}' for x in r['pair_ratios'])}",
             f"  sparse pass: {w['pages']} pages, {w['wire_bytes']} wire bytes, "
             f"{w['bytes_per_page']:.1f} B/page (target <= {r['wire_target']}){wflag}",
