@@ -180,3 +180,44 @@ def test_no_such_process_is_unavailable_not_a_crash():
     proc.wait()
     with pytest.raises(uffd.UffdUnavailable, match="no process"):
         uffd.UffdTracker.attach(proc.pid)
+
+
+@pytest.mark.parametrize("end", ["cancelled", "killed", "failed"])
+def test_the_target_is_left_as_it_was_when_the_sender_stops_mid_migration(receiver, child, end):
+    """A sender cancelled (SIGINT), killed (SIGKILL) or failing (the
+    receiver gone) in the middle of a tracked migration leaves the target
+    with no descriptor of ours, no write protection of ours in effect, and
+    writing at full speed."""
+    import signal
+    import time
+
+    from migrated._tools.localrun import CLI
+
+    child.write(range(child.npages))
+    before = child.fds()
+    args = ["--source", f"pid:{child.pid}", "--to", receiver.address, "--name", "mid", "--json"]
+    args += ["--dirty-tracking", "uffd", "--max-bandwidth", "1M", "--after", "resume"]
+    sender = subprocess.Popen([*CLI, "send", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e & PM_UFFD_WP for e in child.pagemap()):  # tracked, write-protected ...
+            assert time.monotonic() < deadline, "the sender never attached"
+            time.sleep(0.01)
+        time.sleep(1.0)  # ... and the migration under way, 8 MiB at 1 MB/s
+        assert sender.poll() is None
+        {"cancelled": lambda: sender.send_signal(signal.SIGINT), "killed": sender.kill, "failed": receiver.kill}[end]()
+        sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    assert sender.returncode != 0
+    deadline = time.monotonic() + 10
+    while child.fds() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert child.fds() == before
+    t0 = time.perf_counter()
+    child.write(range(child.npages))  # every page again: no fault handler stands in the way
+    assert child.proc.poll() is None
+    assert time.perf_counter() - t0 < 5
+    if end != "killed":  # the sender unregistered everything itself
+        assert not any(e & PM_UFFD_WP for e in child.pagemap())
