@@ -109,11 +109,15 @@ def make_source(args: argparse.Namespace):
     if not sep or not rest:
         raise UsageError(f"--source {args.source!r}: use file:PATH or pid:PID")
     if kind == "file":
-        if args.after != "stop" or args.dirty_tracking != "auto":
-            raise UsageError("--after and --dirty-tracking apply to --source pid:PID only")
+        if args.after != "stop":
+            raise UsageError("--after applies to --source pid:PID only")
+        if args.dirty_tracking == "soft-dirty":
+            raise UsageError(
+                "--dirty-tracking soft-dirty applies to --source pid:PID only; a file takes auto, uffd or scan"
+            )
         from migrated.source import FileSource
 
-        return FileSource(rest, pause_pid=args.pause_pid)
+        return FileSource(rest, pause_pid=args.pause_pid, tracking=args.dirty_tracking)
     if kind == "pid":
         if not rest.isdigit():
             raise UsageError(f"--source {args.source!r}: PID must be a number")
@@ -337,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "soft-dirty", "uffd", "scan"),
         default="auto",
         help="pid source: kernel soft-dirty bits, userfaultfd write-protect (Linux 6.7+, x86-64, needs ptrace "
-        "rights) or a page hash scan; auto takes the first that works here and logs why (default auto)",
+        "rights) or a page hash scan; file source: userfaultfd tracking of the --pause-pid writer's mappings "
+        "where the file is shared memory (tmpfs, /dev/shm, memfd, hugetlbfs; writes through write(2) or by "
+        "other processes are not seen: use scan for those), or the scan; auto takes the first that works "
+        "here and logs why (default auto)",
     )
     s.add_argument(
         "--after",

@@ -75,6 +75,7 @@ class Mapping:
     offset: int
     inode: int
     path: str
+    dev: int = 0  # the device of a file mapping, as st_dev
 
     @property
     def length(self) -> int:
@@ -112,8 +113,10 @@ def parse_maps(text: str) -> list[Mapping]:
     for line in text.splitlines():
         m = _MAPS_LINE.match(line)
         if m:
-            start, end, perms, off, _dev, inode, path = m.groups()
-            out.append(Mapping(int(start, 16), int(end, 16), perms, int(off, 16), int(inode), path.strip()))
+            start, end, perms, off, dev, inode, path = m.groups()
+            major, _, minor = dev.partition(":")
+            device = os.makedev(int(major, 16), int(minor or "0", 16))
+            out.append(Mapping(int(start, 16), int(end, 16), perms, int(off, 16), int(inode), path.strip(), device))
     return out
 
 

@@ -12,19 +12,25 @@ after it, whatever happened.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from migrated.errors import ProcessGone, SourceError
 from migrated.pages import scan
 from migrated.records import BlockInfo
+
+if TYPE_CHECKING:
+    from array import array
+
+    from migrated.filetrack import WriterTracker
 
 log = structlog.get_logger("migrated.source")
 
@@ -80,15 +86,20 @@ class Source:
 
 class FileSource(Source):
     """A file, mapped shared and read-only, so a writer's changes show up in
-    place. ``pause_pid`` is the writer, stopped with SIGSTOP for the final pass."""
+    place. ``pause_pid`` is the writer, stopped with SIGSTOP for the final
+    pass; where the file is shared memory, its writes through its mappings
+    are tracked (``migrated.filetrack``) instead of hashing the file each pass."""
 
-    tracking = "scan"
-
-    def __init__(self, path: str, page_size: int = 4096, pause_pid: int | None = None):
+    def __init__(self, path: str, page_size: int = 4096, pause_pid: int | None = None, tracking: str = "auto"):
         self.path = Path(path)
         self.page_size = page_size
         self.description = f"file:{path}"
         self.pauser = SignalPauser(pause_pid) if pause_pid else None
+        self.pause_pid = pause_pid
+        self.requested_tracking = tracking
+        self.tracking = "scan"
+        self.writer: WriterTracker | None = None  # with tracking "uffd"
+        self._dirty: array | None = None  # the pages the writer wrote since the last refresh (None: scan)
         self._fd = -1
         self._map: mmap.mmap | bytes | None = None
         self._size = -1
@@ -106,9 +117,49 @@ class FileSource(Source):
             raise SourceError(f"source {self.path} is not a regular file")
         if self.pauser:
             self.pauser.check()
+        self.tracking, why = self._choose_tracking()
+        log.info("choose_dirty_tracking", path=str(self.path), tracking=self.tracking, reason=why)
+
+    def _choose_tracking(self) -> tuple[str, str]:
+        """userfaultfd tracking of the writer's mappings where the file is
+        shared memory and its writer is known (``auto``); else the scan. An
+        explicit uffd that cannot be had is an error."""
+        requested = self.requested_tracking
+        if requested == "scan":
+            return "scan", "asked for"
+        if requested not in ("auto", "uffd"):
+            raise SourceError(f"--dirty-tracking {requested} applies to a pid source; use auto, uffd or scan")
+        if self.pause_pid is None:
+            if requested == "uffd":
+                raise SourceError("--dirty-tracking uffd on a file needs its writer: --pause-pid PID")
+            return "scan", "no --pause-pid: the writer is not known"
+        from migrated.filetrack import WriterTracker
+        from migrated.uffd import UffdUnavailable
+
+        try:
+            self.writer = WriterTracker.start(self.pause_pid, self._fd)
+        except UffdUnavailable as exc:
+            if requested == "uffd":
+                raise SourceError(f"--dirty-tracking uffd: {exc}; use --dirty-tracking scan (or auto)") from None
+            return "scan", str(exc)
+        return "uffd", "userfaultfd write-protect tracks the writer's writes through its mappings of the file"
 
     def refresh(self) -> list[Block]:
         size = os.fstat(self._fd).st_size
+        self._dirty = None
+        if self.writer is not None:
+            from migrated.uffd import UffdUnavailable
+
+            try:
+                followed = self.writer.follow(size)
+            except UffdUnavailable as exc:
+                log.warning("track_by_scan", path=str(self.path), reason=str(exc))
+                self.writer.close()
+                self.writer, self.tracking, followed = None, "scan", False
+            if followed and size == self._size:
+                self._dirty = self.writer.written(-(-size // self.page_size)) if self.writer else None
+            elif self.writer is not None:
+                self.writer.written(0)  # this pass scans; the writes from now on are the next pass's
         if size != self._size:
             if self._size >= 0:
                 log.info("resize_source", path=str(self.path), old=self._size, new=size)
@@ -117,6 +168,16 @@ class FileSource(Source):
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) if size else b""
             self._size = size
         return [Block(BlockInfo("ram", size, self.page_size), self._map)]
+
+    def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
+        """The pages the writer wrote, where it is tracked; the hash scan otherwise."""
+        if self._dirty is None:
+            return super().changed(block, hashes, first, end)
+        end = len(hashes) if end < 0 else end
+        return self._dirty[bisect.bisect_left(self._dirty, first) : bisect.bisect_left(self._dirty, end)]
+
+    def info(self) -> dict:
+        return {"dirty_tracking": self.tracking}
 
     def freeze(self) -> None:
         if self.pauser:
@@ -127,6 +188,9 @@ class FileSource(Source):
             self.pauser.resume()
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()  # the writer is left as it was
+            self.writer = None
         if isinstance(self._map, mmap.mmap):
             self._map.close()
         if self._fd >= 0:

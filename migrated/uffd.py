@@ -48,6 +48,7 @@ UFFD_API = 0xAA
 UFFDIO_API = 0xC018AA3F
 UFFDIO_REGISTER = 0xC020AA00
 UFFDIO_REGISTER_MODE_WP = 2
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 
@@ -123,14 +124,16 @@ def probe() -> tuple[bool, str]:
     return True, "userfaultfd with asynchronous write-protect and PAGEMAP_SCAN"
 
 
-def _enable_async_wp(fd: int) -> None:
-    api = (ctypes.c_ulonglong * 3)(UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, 0)
+def _enable_async_wp(fd: int, shared: bool = False) -> None:
+    features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+    if shared:
+        features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    api = (ctypes.c_ulonglong * 3)(UFFD_API, features, 0)
     try:
         _ioctl(fd, UFFDIO_API, api)
     except OSError as exc:
-        raise UffdUnavailable(
-            f"the kernel has no asynchronous userfaultfd write-protect (UFFDIO_API: {exc.strerror})"
-        ) from None
+        what = "asynchronous userfaultfd write-protect" + (" of shared memory" if shared else "")
+        raise UffdUnavailable(f"the kernel has no {what} (UFFDIO_API: {exc.strerror})") from None
 
 
 class UffdTracker:
@@ -149,16 +152,17 @@ class UffdTracker:
     # -- set-up -----------------------------------------------------------
 
     @classmethod
-    def attach(cls, pid: int) -> UffdTracker:
+    def attach(cls, pid: int, *, shared: bool = False) -> UffdTracker:
         """A userfaultfd made inside ``pid``, ours alone, with asynchronous
-        write-protect on. Raises UffdUnavailable (saying why) when it cannot
-        be had; the target is left as it was either way."""
+        write-protect on (``shared``: of shared memory too, tmpfs and
+        hugetlbfs). Raises UffdUnavailable (saying why) when it cannot be
+        had; the target is left as it was either way."""
         ok, why = probe()
         if not ok:
             raise UffdUnavailable(why)
         fd = _inject_userfaultfd(pid)
         try:
-            _enable_async_wp(fd)
+            _enable_async_wp(fd, shared)
             tracker = cls(pid, fd)
         except BaseException:
             os.close(fd)
@@ -188,19 +192,21 @@ class UffdTracker:
 
     # -- each pass ----------------------------------------------------------
 
-    def written(self, start: int, length: int) -> array:
+    def written(self, start: int, length: int, origin: int | None = None) -> array:
         """The pages of ``[start, start + length)`` written since the last
-        call (page numbers from ``start``), write-protected again in the same
-        step, so that no write falls between the report and the protection."""
-        return self._scan(start, length, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+        call (page numbers from ``origin``, by default ``start``),
+        write-protected again in the same step, so that no write falls
+        between the report and the protection."""
+        flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+        return self._scan(start, length, PAGE_IS_WRITTEN, flags, origin=start if origin is None else origin)
 
     def present(self, start: int, length: int) -> array:
         """The pages of ``[start, start + length)`` present or swapped out
         (page numbers from ``start``): what reading the pagemap entries would
         say, in ranges, so about a tenth of the time for a large mapping."""
-        return self._scan(start, length, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0, anyof=True)
+        return self._scan(start, length, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0, anyof=True, origin=start)
 
-    def _scan(self, start: int, length: int, categories: int, flags: int, *, anyof: bool = False) -> array:
+    def _scan(self, start: int, length: int, categories: int, flags: int, *, anyof: bool = False, origin: int) -> array:
         out = array("Q")
         arg = _ScanArg(
             size=ctypes.sizeof(_ScanArg),
@@ -220,7 +226,7 @@ class UffdTracker:
                 if exc.errno == errno.ESRCH:
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
                 raise SourceError(f"PAGEMAP_SCAN of process {self.pid} failed: {exc.strerror}") from None
-            _core.region_pages(out, self._region_words, n, start, PAGE)
+            _core.region_pages(out, self._region_words, n, origin, PAGE)
             if arg.walk_end <= arg.start:
                 break
             arg.start = arg.walk_end

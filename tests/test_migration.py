@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -23,8 +25,9 @@ from daemons import (
     state,
     writer,
 )
+from structlog.testing import capture_logs
 
-from migrated.errors import MigrationError, PeerError
+from migrated.errors import MigrationError, PeerError, SourceError
 from migrated.pages import image_digest, page_hashes
 from migrated.protocol import (
     NEED_DATA,
@@ -756,3 +759,65 @@ async def test_a_scan_longer_than_the_limit_stops_iterating_after_the_first_dirt
         )
         assert s["stop_reason"] == "iterations" and s["iterations"] == 5
     assert image_bytes(tmp_path / "images", "floor") == src.read_bytes()
+
+
+@pytest.fixture
+def shm_image():
+    """A file in shared memory (/dev/shm), removed afterwards."""
+    path = Path("/dev/shm") / f"migrated-test-{os.getpid()}-{time.monotonic_ns()}.img"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+async def test_a_shared_memory_file_is_tracked_through_its_writer(tmp_path, shm_image, monkeypatch):
+    """A /dev/shm image with a --pause-pid writer: the writer's mapping is
+    tracked by userfaultfd, later passes hash nothing, and the image is
+    what the writer left when it was stopped."""
+    from migrated import source as source_module
+
+    scans = []
+    real_scan = source_module.scan
+    monkeypatch.setattr(source_module, "scan", lambda *a: scans.append(a[3:]) or real_scan(*a))
+    make_image(shm_image, 8 * MiB)
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        with writer(shm_image, "--stride", "4096", "--pause", "0.02") as w:
+            source = SnapshotSource(str(shm_image), pause_pid=w.pid)
+            s = await migrate(
+                rx.port,
+                source,
+                name="shm",
+                max_bandwidth=32 * MiB,
+                downtime_limit=0.001,
+                max_iterations=4,
+                stop_at_floor=False,
+            )
+            assert state(w.pid) != "T"
+            assert uffd_left(w.pid) == []
+    assert source.tracking == "uffd" and s["source_info"]["dirty_tracking"] == "uffd"
+    assert s["iterations"] == 5 and all(p["pages"] > 0 for p in s["passes"][1:])  # the writer kept writing
+    assert scans == [], "no pass hashed the file"
+    assert image_bytes(images, "shm") == source.frozen
+
+
+async def test_a_file_on_disk_is_scanned_and_an_explicit_uffd_there_is_an_error(tmp_path, shm_image):
+    src = tmp_path / "src.img"  # not shared memory
+    make_image(src, 1 * MiB)
+    with writer(src, "--stride", "4096", "--pause", "0.05") as w:
+        source = FileSource(str(src), pause_pid=w.pid)
+        with capture_logs() as logs:
+            source.open()
+        source.close()
+        assert source.tracking == "scan"
+        assert any("not shared memory" in e.get("reason", "") for e in logs if e["event"] == "choose_dirty_tracking")
+        with pytest.raises(SourceError, match="--dirty-tracking uffd: the file is not shared memory"):
+            FileSource(str(src), pause_pid=w.pid, tracking="uffd").open()
+    make_image(shm_image, 1 * MiB)
+    with pytest.raises(SourceError, match="needs its writer: --pause-pid"):
+        FileSource(str(shm_image), tracking="uffd").open()
+
+
+def uffd_left(pid: int) -> list[str]:
+    """The userfaultfd descriptors in ``pid``'s table."""
+    fds = Path(f"/proc/{pid}/fd")
+    return [fd.name for fd in fds.iterdir() if "userfaultfd" in os.readlink(fd)]
