@@ -262,24 +262,44 @@ def gather_iovecs(wbuf into, const uint64_t[::1] pages, const uint64_t[::1] zero
 def region_pages(array out, const uint64_t[::1] regions, Py_ssize_t count, uint64_t base, Py_ssize_t page_size):
     """Append to `out` the page numbers (from `base`) of the first `count`
     regions of a PAGEMAP_SCAN answer: (start, end, categories) triples of
-    addresses, ascending."""
+    page-aligned addresses. Pages at or before the last one in `out` are
+    skipped, so `out` stays ascending and without repeats even when a scan
+    restarted inside a region it had already returned."""
     cdef Py_ssize_t i, k, n = 0, at = len(out)
-    cdef uint64_t p, first, last, ps = page_size
+    cdef uint64_t p, first, last, nxt, start_nxt, ps = page_size
+    cdef uint64_t[::1] ov
     _check_page_size(page_size)
     if count < 0 or count > regions.shape[0] // 3:
         raise ValueError("more regions than the buffer holds")
+    if base % ps:
+        raise ValueError("base must be page-aligned")
+    if at:
+        ov = out
+        start_nxt = ov[at - 1] + 1
+    else:
+        start_nxt = 0
+    nxt = start_nxt
     for i in range(count):
         if regions[3 * i] < base or regions[3 * i + 1] < regions[3 * i]:
             raise ValueError("a region outside the range scanned")
-        n += <Py_ssize_t>((regions[3 * i + 1] - regions[3 * i]) // ps)
+        if regions[3 * i] % ps or regions[3 * i + 1] % ps:
+            raise ValueError("a region that is not page-aligned")
+        first = max((regions[3 * i] - base) // ps, nxt)
+        last = (regions[3 * i + 1] - base) // ps
+        if last > first:
+            n += <Py_ssize_t>(last - first)
+            nxt = last
     resize(out, at + n)
-    cdef uint64_t[::1] ov = out
+    ov = out
     k = at
+    nxt = start_nxt
     with nogil:
         for i in range(count):
-            first = (regions[3 * i] - base) // ps
+            first = max((regions[3 * i] - base) // ps, nxt)
             last = (regions[3 * i + 1] - base) // ps
-            for p in range(first, last):
-                ov[k] = p
-                k += 1
+            if last > first:
+                for p in range(first, last):
+                    ov[k] = p
+                    k += 1
+                nxt = last
     return out

@@ -478,7 +478,7 @@ class Connection:
                     return Failure(str(p.get("code", "error"))[:64], str(p.get("message", ""))[:4096])
         except ProtocolError:
             raise  # says what is wrong already
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float() of a huge integer
             raise LocalProtocolError(f"malformed {rec.control.name} message: {exc}") from None
         raise LocalProtocolError(f"unexpected {rec.control.name} message")
 

@@ -565,9 +565,11 @@ class Sender:
                 digest=self.digest,
             )
             early = self.source.runs_before_durable
+            at_verified = False
             with answer_within("commit confirmation", self.config.commit_timeout):
                 await self._until(lambda: self._committed is not None or (early and self._verified is not None))
-                if self._committed is None:  # verified: the source may run while the receiver syncs
+                at_verified = self._committed is None
+                if at_verified:  # verified: the source may run while the receiver syncs
                     assert self._verified is not None
                     self._check_digest(self._verified.digest)
                     self.released_at = trio.current_time()
@@ -579,7 +581,6 @@ class Sender:
             if self.released_at is None:
                 self.released_at = trio.current_time()
                 self.source.thaw(True)  # only here: a cancellation after COMMITTED arrived still resumes the source
-            at_verified = self._verified is not None and early
             parts.update(
                 _receiver_parts(self.released_at - commit_start, self._committed.timings, at_verified=at_verified)
             )

@@ -226,6 +226,10 @@ class UffdTracker:
                 if exc.errno == errno.ESRCH:
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
                 raise SourceError(f"PAGEMAP_SCAN of process {self.pid} failed: {exc.strerror}") from None
+            # this kernel may report a walk_end short of the last region it
+            # returned: going on from walk_end (so that what the walk did not
+            # finish is scanned, and write-protected, again) returns those
+            # pages a second time, which region_pages skips
             _core.region_pages(out, self._region_words, n, origin, PAGE)
             if arg.walk_end <= arg.start:
                 break

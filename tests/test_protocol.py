@@ -183,6 +183,10 @@ def test_ack_reports_the_receivers_flush_and_older_acks_still_parse():
     bad = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7, "flush_ms": "soon"})
     with pytest.raises(RemoteProtocolError, match="'flush_ms' must be int or float"):
         events(sender_after_pass_0(), bad)
+    for huge in ({"flush_ms": 10**400}, {"flush_ms": 5, "hash_ms": 10**400}):  # float() overflows: still the peer's
+        bad = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7, **huge})
+        with pytest.raises(RemoteProtocolError, match="malformed ACK"):
+            events(sender_after_pass_0(), bad)
     for hostile in ({"flushed_pages": -1}, {"received_bytes": 1 << 64}, {"flush_ms": -5.0}, {"flush_ms": 1e308}):
         bad = frame_control(Control.ACK, {"pass": 0, "received_bytes": 7, **hostile})
         with pytest.raises(RemoteProtocolError, match="non-negative and finite"):

@@ -221,3 +221,23 @@ def test_the_target_is_left_as_it_was_when_the_sender_stops_mid_migration(receiv
     assert time.perf_counter() - t0 < 5
     if end != "killed":  # the sender unregistered everything itself
         assert not any(e & PM_UFFD_WP for e in child.pagemap())
+
+
+def test_more_regions_than_one_scan_returns_come_back_ascending_and_once(child):
+    """Scattered pages make more regions than one PAGEMAP_SCAN call returns;
+    this kernel may then end a call's walk short of its last region, and the
+    next call returns those pages again: each page is listed once, in order."""
+    big = Child(8192)
+    try:
+        tracker = uffd.UffdTracker.attach(big.pid)
+        tracker.register(big.base, big.length)
+        big.write(range(0, big.npages, 2))
+        present = tracker.present(big.base, big.length)
+        truth = [i for i, e in enumerate(big.pagemap()) if e & (1 << 63 | 1 << 62)]  # present or swapped
+        assert list(present) == truth
+        tracker.written(big.base, big.length)
+        big.write(range(1, big.npages, 3))  # 2731 regions of one page: three calls
+        assert list(tracker.written(big.base, big.length)) == list(range(1, big.npages, 3))
+        tracker.close()
+    finally:
+        big.kill()
