@@ -109,13 +109,15 @@ def peak_rss() -> int:
 
 def format_summary(s: dict[str, Any]) -> str:
     """The human summary printed by ``migrated send``."""
+    after = s.get("downtime_breakdown", {}).get("commit_after_release_ms")
+    released = "commit" if after is None else f"verified image (durable {after:.0f} ms later)"
     ram, xb = s["ram"], s["xbzrle"]
     downtime = s["downtime_ms"] if s["downtime_ms"] is not None else "-"
     lines = [
         f"status:             {s['status']}" + (" (digest verified by the receiver)" if s["verified"] else ""),
         f"converged:          {'yes' if s['converged'] else 'no'} after {s['iterations']} passes",
         f"total time:         {s['total_time_ms'] / 1000:.2f} s (setup {s['setup_time_ms']:.0f} ms)",
-        f"downtime:           {downtime} ms from freeze to commit (estimated at {s['expected_downtime_ms']} ms)",
+        f"downtime:           {downtime} ms from freeze to {released} (estimated at {s['expected_downtime_ms']} ms)",
         f"image:              {format_size(ram['total_bytes'])} from {s['source']}",
         f"transferred:        {format_size(ram['transferred_bytes'])} at {ram['mbps']} Mbit/s",
         f"pages:              {ram['normal_pages']} raw, {ram['zero_pages']} zero, {xb['pages']} xbzrle",
