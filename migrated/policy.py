@@ -118,10 +118,11 @@ class XbzrlePolicy:
 
 
 class DowntimeEstimate:
-    """Seconds from freezing the source to COMMITTED: a rescan, sending what
-    is dirty at the measured bandwidth, and the receiver hashing and flushing
-    those pages at the cost per page it reported (its few fixed fsyncs are
-    not known)."""
+    """Seconds from freezing the source to releasing it (at VERIFIED or
+    COMMITTED): a rescan, sending what is dirty at the measured bandwidth,
+    and the receiver's cost per page for those pages as it reported it
+    (hashing only, or hashing and flushing, as the sender asks; its few
+    fixed fsyncs are not known)."""
 
     def __init__(self, page_size: int, max_bandwidth: float | None):
         self.page_size = page_size
