@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from migrated.errors import ProcessGone, SourceError
-from migrated.pages import scan
+from migrated.pages import page_count, scan
 from migrated.records import BlockInfo
 
 if TYPE_CHECKING:
@@ -146,20 +146,7 @@ class FileSource(Source):
 
     def refresh(self) -> list[Block]:
         size = os.fstat(self._fd).st_size
-        self._dirty = None
-        if self.writer is not None:
-            from migrated.uffd import UffdUnavailable
-
-            try:
-                followed = self.writer.follow(size)
-            except UffdUnavailable as exc:
-                log.warning("track_by_scan", path=str(self.path), reason=str(exc))
-                self.writer.close()
-                self.writer, self.tracking, followed = None, "scan", False
-            if followed and size == self._size:
-                self._dirty = self.writer.written(-(-size // self.page_size)) if self.writer else None
-            elif self.writer is not None:
-                self.writer.written(0)  # this pass scans; the writes from now on are the next pass's
+        self._dirty = self._tracked_writes(size) if self.writer is not None else None
         if size != self._size:
             if self._size >= 0:
                 log.info("resize_source", path=str(self.path), old=self._size, new=size)
@@ -168,6 +155,25 @@ class FileSource(Source):
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ) if size else b""
             self._size = size
         return [Block(BlockInfo("ram", size, self.page_size), self._map)]
+
+    def _tracked_writes(self, size: int) -> array | None:
+        """The pages the writer wrote since the last refresh, or None when
+        this pass scans: the file was resized, or the writer's mappings of it
+        changed or do not cover it (the writes from now on are the next
+        pass's either way). A writer that cannot be tracked any more leaves
+        the scan for good."""
+        from migrated.uffd import UffdUnavailable
+
+        assert self.writer is not None
+        try:
+            followed = self.writer.follow(size)
+            written = self.writer.written(page_count(size, self.page_size))
+        except UffdUnavailable as exc:
+            log.warning("track_by_scan", path=str(self.path), reason=str(exc))
+            self.writer.close()
+            self.writer, self.tracking = None, "scan"
+            return None
+        return written if followed and size == self._size else None
 
     def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
         """The pages the writer wrote, where it is tracked; the hash scan otherwise."""
