@@ -12,7 +12,6 @@ also written with write(2), or by another process, needs the hash scan
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import os
 from array import array
@@ -21,7 +20,7 @@ import structlog
 
 from migrated import pages
 from migrated.procmem import Mapping, read_maps
-from migrated.uffd import UffdTracker, UffdUnavailable
+from migrated.uffd import PAGE, UffdTracker, UffdUnavailable
 
 log = structlog.get_logger("migrated.filetrack")
 
@@ -104,12 +103,18 @@ class WriterTracker:
             end = max(end, m.offset + m.length)
         return end >= size
 
-    def written(self, npages: int) -> array:
-        """The file's pages the writer wrote since the last call, ascending."""
+    def written(self, first: int, end: int) -> array:
+        """The file's pages ``first`` to ``end`` the writer wrote since they
+        were last asked for, ascending."""
         out = array("Q")
-        for m in self.mappings:  # page numbers of the file: counted from where page 0 would be mapped
-            out = pages.merge_pages(out, self.tracker.written(m.start, m.length, origin=m.start - m.offset))
-        return out[: bisect.bisect_left(out, npages)]
+        for m in self.mappings:
+            # page numbers of the file: counted from where page 0 would be mapped
+            lo = max(m.offset, first * PAGE)
+            hi = min(m.offset + m.length, end * PAGE)
+            if lo < hi:
+                origin = m.start - m.offset
+                out = pages.merge_pages(out, self.tracker.written(origin + lo, hi - lo, origin=origin))
+        return out
 
     def close(self) -> None:
         self.tracker.close()

@@ -37,7 +37,7 @@ from migrated.errors import ProcessGone, SourceError
 from migrated.freeze import Freezer, permission_message
 from migrated.records import MAX_BLOCK_ID_LENGTH, BlockInfo
 from migrated.source import Block, Source
-from migrated.uffd import UffdTracker, UffdUnavailable
+from migrated.uffd import RangeChanged, UffdTracker, UffdUnavailable
 
 log = structlog.get_logger("migrated.procmem")
 
@@ -213,6 +213,8 @@ class ProcessSource(Source):
         self._present: dict[str, array] = {}  # its pages present or swapped out
         self._zero: dict[str, array] = {}  # pages known to be zero (not read)
         self._dirty: dict[str, array] = {}  # pages written since the last refresh, where the kernel says
+        self._rearmed: dict[str, array] = {}  # pages ``rearm`` found written since the last refresh
+        self._lost: set[str] = set()  # blocks whose writes ``rearm`` lost track of: read whole next
         self._chunks: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hash-scan buffers, one per thread
 
     # -- set-up ----------------------------------------------------------
@@ -279,10 +281,17 @@ class ProcessSource(Source):
         blocks = []
         for m, bid in zip(chosen, ids, strict=True):
             old = self._maps.get(bid)
-            known = old is not None and (old.start, old.length) == (m.start, m.length)
+            known = old is not None and (old.start, old.length) == (m.start, m.length) and bid not in self._lost
+            written = None
             if known and tracked[bid]:
                 assert self.tracker is not None
-                dirty, zero = self._with_cleared(m, bid, self.tracker.written(m.start, m.length), present[bid])
+                try:
+                    written = self.tracker.written(m.start, m.length)
+                except RangeChanged as exc:  # moved or remapped since read_maps: read whole
+                    log.info("lose_track", pid=self.pid, block=bid, reason=str(exc))
+                    self._tracked.pop(bid, None)  # registered again at the next refresh
+            if written is not None:
+                dirty, zero = self._with_cleared(m, bid, written, present[bid])
             elif known and soft:
                 dirty, zero = self._with_cleared(m, bid, pages.select_pages(entries[bid], PM_SOFT_DIRTY), present[bid])
             else:  # read whole, or hash-scanned: the scan finds what changed
@@ -298,6 +307,8 @@ class ProcessSource(Source):
         for gone in set(self._maps) - set(ids):
             for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
                 held.pop(gone, None)
+        self._rearmed.clear()  # what the last pass found is in this refresh's
+        self._lost.clear()
         return blocks
 
     @staticmethod
@@ -338,6 +349,7 @@ class ProcessSource(Source):
             self._tracked[bid] = (0, -1)
             return False
         self._tracked[bid] = (m.start, m.length)
+        self._lost.add(bid)  # writes before the registration are unknown: read whole this pass
         return True
 
     def _with_cleared(self, m: Mapping, bid: str, written: array, present: array) -> tuple[array, array]:
@@ -348,7 +360,11 @@ class ProcessSource(Source):
         as written: this counts every such drop as a change)."""
         if not m.anonymous:  # an absent page of a file mapping still holds the file's bytes
             return written, array("Q")
-        cleared = pages.difference_pages(self._present.get(bid, present), present)
+        before = self._present.get(bid, present)
+        rearmed = self._rearmed.pop(bid, None)
+        if rearmed is not None:  # present at their read, after the last refresh
+            before = pages.merge_pages(before, rearmed)
+        cleared = pages.difference_pages(before, present)
         if not len(cleared):
             return written, cleared
         return pages.merge_pages(written, cleared), pages.difference_pages(cleared, written)
@@ -374,6 +390,39 @@ class ProcessSource(Source):
             return found
         finally:
             self._chunks.put(chunk)
+
+    def rearms(self, block: Block) -> bool:
+        bid = block.info.id
+        m = self._maps.get(bid)
+        return (
+            not self.frozen
+            and m is not None
+            and bid not in self._lost
+            and self._tracked.get(bid) == (m.start, m.length)
+        )
+
+    def rearm(self, block: Block, first: int, end: int) -> array:
+        """The pages written since the last refresh or rearm in pages
+        ``first`` to ``end``, write-protected again; each is now present, so
+        it leaves the known-zero pages (``gather`` reads it) and joins those
+        whose drop the next refresh looks for."""
+        assert self.tracker is not None
+        bid = block.info.id
+        m = self._maps[bid]
+        try:
+            written = self.tracker.written(m.start + first * PAGE, (end - first) * PAGE, origin=m.start)
+        except RangeChanged as exc:  # moved or remapped meanwhile: the next pass reads it whole
+            log.info("lose_track", pid=self.pid, block=bid, reason=str(exc))
+            self._lost.add(bid)
+            self._tracked.pop(bid, None)
+            return array("Q")
+        if len(written) and m.anonymous:
+            zero = self._zero[bid]
+            lo, hi = bisect.bisect_left(zero, first), bisect.bisect_left(zero, end)
+            if lo < hi:
+                zero[lo:hi] = pages.difference_pages(zero[lo:hi], written)
+            self._rearmed.setdefault(bid, array("Q")).extend(written)  # ascending: spans come in order
+        return written
 
     def gather(self, block: Block, wanted, into) -> memoryview:
         """Read the pages ``wanted`` of ``block`` into ``into``, in order;
@@ -481,7 +530,7 @@ class ProcessSource(Source):
         if self.tracker is not None:
             self.tracker.close()  # unregisters and unprotects everything: the target is as it was
             self.tracker = None
-        for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
+        for held in (self._maps, self._present, self._zero, self._dirty, self._tracked, self._rearmed):
             held.clear()
         for fd in (self._mem, self._pagemap):
             if fd >= 0:

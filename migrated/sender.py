@@ -487,30 +487,33 @@ class Sender:
             turn = 0
             async with send_ch:
                 for t, block, pages in plan:
-                    bid = t.info.id_bytes
-                    for i in range(0, len(pages), BATCH_PAGES):
-                        # one buffer is being encoded, ENCODED_AHEAD wait in
-                        # the channel and one is being sent: the next in the
-                        # ring is free
-                        into = self._buffers[turn % len(self._buffers)]
-                        turn += 1
-                        data, batch = await trio.to_thread.run_sync(
-                            _encode,
-                            self.source,
-                            self._gathered,
-                            self.cache,
-                            t.index,
-                            bid,
-                            block,
-                            pages[i : i + BATCH_PAGES],
-                            xbzrle,
-                            first,
-                            seed,
-                            t.hashes,
-                            into,
-                        )
-                        stats += batch
-                        await send_ch.send(data)
+                    for batch, span in _batches(pages, block.info.pages, rearm=not final and self.source.rearms(block)):
+                        while batch is not None:
+                            # one buffer is being encoded, ENCODED_AHEAD wait
+                            # in the channel and one is being sent: the next
+                            # in the ring is free
+                            into = self._buffers[turn % len(self._buffers)]
+                            data, counts, batch = await trio.to_thread.run_sync(
+                                _encode,
+                                self.source,
+                                self._gathered,
+                                self.cache,
+                                t.index,
+                                t.info.id_bytes,
+                                block,
+                                batch,
+                                span,
+                                xbzrle,
+                                first,
+                                seed,
+                                t.hashes,
+                                into,
+                            )
+                            span = None  # what did not fit in one batch is encoded next
+                            stats += counts
+                            if data is not None:  # else ``into`` is still free
+                                turn += 1
+                                await send_ch.send(data)
 
         with first_migration_error():
             async with trio.open_nursery() as nursery:
@@ -623,13 +626,45 @@ def answer_within(what: str, seconds: float) -> Iterator[None]:
         raise NetworkError(f"no {what} from the receiver within {seconds:g} s")
 
 
-def _encode(source, gathered, cache, index, bid, block, pages, xbzrle, first, seed, hashes, into):
+def _batches(pages: array, npages: int, *, rearm: bool) -> Iterator[tuple[array, tuple[int, int] | None]]:
+    """The pass's pages of a block in batches of up to BATCH_PAGES, each with
+    the span of the block to rearm just before it is read (``rearm``): the
+    spans follow each other from page 0 to the block's end, so a write made
+    anywhere in the block before the pass reached it joins this pass (a block
+    with nothing listed is still rearmed, as one span)."""
+    if not rearm:
+        for i in range(0, len(pages), BATCH_PAGES):
+            yield pages[i : i + BATCH_PAGES], None
+        return
+    start = 0
+    for i in range(0, len(pages), BATCH_PAGES):
+        batch = pages[i : i + BATCH_PAGES]
+        end = batch[-1] + 1 if i + BATCH_PAGES < len(pages) else npages
+        yield batch, (start, end)
+        start = end
+    if start < npages:
+        yield array("Q"), (start, npages)
+
+
+def _encode(source, gathered, cache, index, bid, block, pages, span, xbzrle, first, seed, hashes, into):
     """Encode a batch from the block's view, or from ``gathered`` (one buffer:
-    one batch is encoded at a time) after the source read the pages into it."""
+    one batch is encoded at a time) after the source read the pages into it.
+    With ``span``, the source's writes there since the refresh join the batch
+    first (``Source.rearm``). Returns the records (None: no page), their
+    counts, and the pages that did not fit in this batch (None: none)."""
+    if span is not None:
+        found = source.rearm(block, *span)
+        if len(found):
+            pages = merge_pages(pages, found)
+    rest = None
+    if len(pages) > BATCH_PAGES:
+        pages, rest = pages[:BATCH_PAGES], pages[BATCH_PAGES:]
+    if not len(pages):
+        return None, BatchStats(), rest
     view, npages = block.view, -1
     if view is None:
         view, npages = source.gather(block, pages, gathered), block.info.pages
-    return encode_batch(
+    data, counts = encode_batch(
         cache,
         index,
         bid,
@@ -642,3 +677,4 @@ def _encode(source, gathered, cache, index, bid, block, pages, xbzrle, first, se
         into=into,
         gathered_pages=npages,
     )
+    return data, counts, rest

@@ -70,6 +70,20 @@ class Source:
         of ``into`` filled. Called from one worker thread at a time."""
         raise NotImplementedError(f"{type(self).__name__} gives every block a view")
 
+    def rearms(self, block: Block) -> bool:
+        """Whether ``rearm`` works for ``block`` this pass (its writes are tracked)."""
+        return False
+
+    def rearm(self, block: Block, first: int, end: int) -> array:
+        """Pages ``first`` to ``end`` of ``block`` written since the last
+        refresh (or since the last rearm of them), which the caller is about
+        to read, with their tracking started again. A pass calls it for each
+        span of the block just before reading that span, so that a page
+        written before the pass reached it goes in this pass, once, and only
+        writes after its read count for the next (KVM's clear-before-send).
+        Only where ``rearms(block)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not track writes")
+
     def freeze(self) -> None:
         pass
 
@@ -134,8 +148,14 @@ class FileSource(Source):
                 raise SourceError("--dirty-tracking uffd on a file needs its writer: --pause-pid PID")
             return "scan", "no --pause-pid: the writer is not known"
         from migrated.filetrack import WriterTracker
-        from migrated.uffd import UffdUnavailable
+        from migrated.uffd import PAGE, UffdUnavailable
 
+        if self.page_size != PAGE:
+            if requested == "uffd":
+                raise SourceError(
+                    f"--dirty-tracking uffd tracks pages of {PAGE} bytes, not --page-size {self.page_size}"
+                )
+            return "scan", f"the writer's writes are tracked in pages of {PAGE} bytes, not {self.page_size}"
         try:
             self.writer = WriterTracker.start(self.pause_pid, self._fd)
         except UffdUnavailable as exc:
@@ -167,7 +187,7 @@ class FileSource(Source):
         assert self.writer is not None
         try:
             followed = self.writer.follow(size)
-            written = self.writer.written(page_count(size, self.page_size))
+            written = self.writer.written(0, page_count(size, self.page_size))
         except UffdUnavailable as exc:
             log.warning("track_by_scan", path=str(self.path), reason=str(exc))
             self.writer.close()
@@ -181,6 +201,14 @@ class FileSource(Source):
             return super().changed(block, hashes, first, end)
         end = len(hashes) if end < 0 else end
         return self._dirty[bisect.bisect_left(self._dirty, first) : bisect.bisect_left(self._dirty, end)]
+
+    def rearms(self, block: Block) -> bool:
+        # even in a pass that scans: a tracked write taken just before its page is read is in that read
+        return self.writer is not None
+
+    def rearm(self, block: Block, first: int, end: int) -> array:
+        assert self.writer is not None
+        return self.writer.written(first, end)
 
     def info(self) -> dict:
         return {"dirty_tracking": self.tracking}

@@ -67,6 +67,12 @@ class UffdUnavailable(SourceError):
     says why (the sender falls back to the hash scan)."""
 
 
+class RangeChanged(SourceError):
+    """A range scanned for writes is no longer all registered: the process
+    moved or remapped memory there since (mremap, munmap and mmap over it).
+    What was written there is unknown; the caller reads it whole."""
+
+
 class _Regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_ulonglong)
@@ -225,6 +231,8 @@ class UffdTracker:
             except OSError as exc:
                 if exc.errno == errno.ESRCH:
                     raise ProcessGone(f"process {self.pid} exited during the migration") from None
+                if exc.errno == errno.EPERM and flags & PM_SCAN_CHECK_WPASYNC:
+                    raise RangeChanged(f"the memory at {start:#x}+{length:#x} of process {self.pid} changed") from None
                 raise SourceError(f"PAGEMAP_SCAN of process {self.pid} failed: {exc.strerror}") from None
             # this kernel may report a walk_end short of the last region it
             # returned: going on from walk_end (so that what the walk did not

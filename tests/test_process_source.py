@@ -644,10 +644,10 @@ def churn_exe(tmp_path_factory):
 @pytest.mark.parametrize("tracking", ["uffd", "scan"])
 async def test_a_churning_process_is_committed_exactly_as_it_stopped(tmp_path, churn_exe, tracking, thp):
     """Random writes (many first touches), runs of pages dropped and a
-    mapping grown and moved, all the time: the image equals the stopped
+    mapping grown, moved and remapped in place, all the time: the image equals the stopped
     process page for page (a review found pages committed as zeros when a
     PAGEMAP_SCAN call returned regions twice)."""
-    proc = subprocess.Popen([str(churn_exe), str(thp), "3"], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220 -- the child, started once
+    proc = subprocess.Popen([str(churn_exe), str(thp), "7"], stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220 -- the child, started once
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         images = tmp_path / "images"

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import textwrap
 from array import array
+from pathlib import Path
 
 import pytest
 
 from migrated import uffd
+from migrated.procmem import ProcessSource
+from migrated.source import FileSource
 
 PAGE = os.sysconf("SC_PAGESIZE")
 PM_UFFD_WP = 1 << 57
@@ -22,6 +25,7 @@ HUGE = 2 << 20
 # back them), prints their address, then obeys one command a line:
 #   w P...     write a byte of each page P     d P N   MADV_DONTNEED N pages at P
 #   h          ask for transparent huge pages   u       register its own userfaultfd on them
+#   f P N      map new memory over N pages at P (MAP_FIXED)
 CHILD = textwrap.dedent(
     """
     import ctypes, mmap, sys
@@ -43,6 +47,11 @@ CHILD = textwrap.dedent(
         elif cmd == "d":
             p, n = map(int, args)
             raw.madvise(mmap.MADV_DONTNEED, off + p * PAGE, n * PAGE)
+        elif cmd == "f":  # a new mapping over N pages at P (MAP_FIXED): the tracked range changes
+            p, n = map(int, args)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+            assert libc.mmap(base + p * PAGE, n * PAGE, 3, 0x32, -1, 0) == base + p * PAGE
         elif cmd == "h":
             raw.madvise(mmap.MADV_HUGEPAGE, off, NPAGES * PAGE)
         elif cmd == "u":
@@ -145,6 +154,137 @@ def test_writes_to_transparent_huge_pages_are_found_at_page_granularity(child):
         assert list(tracker.written(child.base, child.length)) == [1, 513, 1025]
     finally:
         tracker.close()
+
+
+class _Tracked:
+    """A ProcessSource tracking the child with uffd, and the block of the child's pages."""
+
+    def __init__(self, child: Child):
+        self.child = child
+        self.source = ProcessSource(child.pid, tracking="uffd", after="resume")
+        self.source.open()
+        self.refresh()
+
+    def refresh(self):
+        for block in self.source.refresh():
+            start = block.info.info["start"]
+            if start <= self.child.base < start + block.info.length:
+                self.block, self.at = block, (self.child.base - start) // PAGE
+        return self.block
+
+    def dirty(self) -> list[int]:
+        """The child's pages the source lists as changed since the last refresh."""
+        self.refresh()
+        hashes = array("Q", bytes(8 * self.block.info.pages))
+        return [
+            p - self.at for p in self.source.changed(self.block, hashes) if self.at <= p < self.at + self.child.npages
+        ]
+
+    def rearm(self, first: int, end: int) -> list[int]:
+        return [p - self.at for p in self.source.rearm(self.block, self.at + first, self.at + end)]
+
+    def page(self, p: int) -> bytes:
+        into = bytearray(PAGE)
+        return bytes(self.source.gather(self.block, array("Q", [self.at + p]), into))
+
+
+def test_a_page_written_before_the_pass_reads_it_goes_in_that_pass_only(child):
+    """Rearming a span just before reading it (KVM's clear-before-send): the
+    writes there so far are read now, only later ones count for the next pass."""
+    child.write(range(0, 100))
+    t = _Tracked(child)
+    try:
+        assert t.source.rearms(t.block)
+        child.write([5, 60, 600])
+        assert t.rearm(0, 100) == [5, 60]  # read in this pass
+        child.write([7])  # after its span was read
+        assert t.dirty() == [7, 600], "600 was not rearmed yet; 5 and 60 were, before their read"
+    finally:
+        t.source.close()
+
+
+def test_a_page_first_written_mid_pass_is_read_not_taken_for_zero(child):
+    """A page absent at the refresh is known to be zero and not read; once a
+    rearm finds it written, it is read, and a later drop of it is still seen."""
+    t = _Tracked(child)
+    try:
+        assert t.page(9) == bytes(PAGE)  # absent: zero-filled
+        child.write([9, 11])
+        assert t.rearm(8, 12) == [9, 11]
+        assert t.page(9)[0] == 1, "a page the rearm found written is read, not zero-filled"
+        child.do("d 11 1")  # present at its read, dropped since
+        assert t.dirty() == [11], "the drop of a page that became present mid-pass counts as a change"
+    finally:
+        t.source.close()
+
+
+def test_memory_remapped_mid_pass_is_read_whole_not_lost(child):
+    """A rearm over a range the process has just mapped anew cannot know what
+    was written there: it says so, and the block is scanned, not trusted."""
+    child.write(range(0, 100))
+    t = _Tracked(child)
+    try:
+        child.do("f 40 8")
+        assert t.rearm(0, 100) == []
+        assert not t.source.rearms(t.block), "the block left tracking until it is registered again"
+        t.refresh()
+        assert t.source._dirty.get(t.block.info.id) is None, "the next pass scans it"
+    finally:
+        t.source.close()
+
+
+SHM_WRITER = textwrap.dedent(
+    """
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    m = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        for p in map(int, line.split()[1:]):
+            m[p * mmap.PAGESIZE] = (m[p * mmap.PAGESIZE] + 1) & 255
+        print("ok", flush=True)
+    """
+)
+
+
+def test_a_tracked_shared_memory_file_rearms_through_its_writer(tmp_path):
+    path = Path("/dev/shm") / f"migrated-test-rearm-{os.getpid()}"
+    path.write_bytes(bytes(256 * PAGE))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SHM_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    source = FileSource(str(path), pause_pid=writer.pid)
+
+    def write(*pages):
+        writer.stdin.write("w " + " ".join(map(str, pages)) + "\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "ok"
+
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        source.open()
+        assert source.tracking == "uffd"
+        (block,) = source.refresh()
+        assert source.rearms(block)
+        write(3, 50, 200)
+        assert list(source.rearm(block, 0, 100)) == [3, 50]
+        write(4)
+        (block,) = source.refresh()
+        assert list(source.changed(block, array("Q", bytes(8 * 256)))) == [4, 200]
+    finally:
+        source.close()
+        writer.kill()
+        writer.wait()
+        path.unlink()
+
+
+def test_a_source_without_tracking_does_not_rearm(child):
+    source = ProcessSource(child.pid, tracking="scan", after="resume")
+    source.open()
+    try:
+        assert not any(source.rearms(b) for b in source.refresh())
+    finally:
+        source.close()
 
 
 def test_nothing_is_left_in_the_child_after_close(child):
