@@ -14,7 +14,7 @@ import signal
 import sys
 
 from migrated import __version__
-from migrated.units import duration_arg, parse_address, size_arg
+from migrated.units import duration_arg, fraction_arg, parse_address, size_arg
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -151,6 +151,8 @@ def _send_config(args: argparse.Namespace):
         max_iterations=args.max_iterations,
         xbzrle=not args.no_xbzrle,
         timeout=args.timeout,
+        auto_converge=args.auto_converge,
+        max_throttle=args.max_throttle,
     )
 
 
@@ -352,6 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="stop",
         help="pid source: what happens to the process once the image is committed (default stop: "
         "left SIGSTOPped, since its memory now lives at the destination)",
+    )
+    s.add_argument(
+        "--auto-converge",
+        action="store_true",
+        help="slow down a source that dirties pages faster than they can be sent: after a pass that left "
+        "more than half as many pages dirty as it sent, hold the process (or the --pause-pid writer) "
+        "stopped for a growing share of every 50 ms (SIGSTOP/SIGCONT, as QEMU's cpu-throttle), until the "
+        "final pass; it runs at full speed again afterwards, even if the sender dies (default off)",
+    )
+    s.add_argument(
+        "--max-throttle",
+        type=fraction_arg,
+        default=0.99,
+        metavar="FRACTION",
+        help="with --auto-converge, the largest share of the time the source is held stopped, 0 to 0.99 "
+        "or a percentage (default 0.99)",
     )
     s.add_argument(
         "--timeout",

@@ -6,9 +6,11 @@ measured and answers one question:
 - ``XbzrlePolicy``: delta-encode this pass, or does XBZRLE not pay just now?
 - ``DowntimeEstimate``: how long would the final pass take, from freezing
   the source to the receiver's COMMITTED?
+- ``ThrottlePolicy``: how much of the time to hold the source stopped
+  (auto-converge; ``migrated.throttle`` does the stopping)?
 
-Later policy (auto-converge throttling, stall detection, a self-sizing
-cache) belongs here too, next to what it reads.
+Later policy (stall detection, a self-sizing cache) belongs here too, next
+to what it reads.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 from migrated.records import BatchStats
 
-__all__ = ["DowntimeEstimate", "PassReport", "TokenBucket", "XbzrleChange", "XbzrlePolicy"]
+__all__ = ["DowntimeEstimate", "PassReport", "ThrottlePolicy", "TokenBucket", "XbzrleChange", "XbzrlePolicy"]
 
 MISS_RATE_OFF = 0.9  # XBZRLE goes off when more cache lookups than this miss...
 OVERFLOW_RATE_OFF = 0.5  # ...or more hits than this overflow
@@ -54,6 +56,7 @@ class PassReport:
     seconds: float = 0.0  # from its first byte to its ACK (to its EOS, for the final pass)
     xbzrle: bool = True  # whether it delta-encoded
     stats: BatchStats = field(default_factory=BatchStats)
+    throttle: float = 0.0  # the share of the time auto-converge held the source stopped meanwhile
 
     @property
     def pages(self) -> int:
@@ -147,3 +150,34 @@ class DowntimeEstimate:
             per_page = self.page_size + 8  # nothing to go by but raw pages
         bandwidth = self.bandwidth or float(self.max_bandwidth or 1 << 30)
         return self.scan_seconds + dirty_pages * (per_page / bandwidth + self.commit_page_seconds)
+
+
+THROTTLE_DIRTY_HIGH = 0.5  # throttle once a pass leaves more than this share of the pages it sent dirty again
+THROTTLE_INITIAL = 0.2  # the first throttle, at least (QEMU's cpu-throttle-initial)
+THROTTLE_STEP = 0.1  # and each raise, at least (QEMU's cpu-throttle-increment)
+
+
+class ThrottlePolicy:
+    """Auto-converge: how much of the time to hold the source stopped. After
+    a pass that left more than half as many pages dirty as it sent, the
+    throttle rises to where the source's dirtying would be half the sending
+    rate (it dirtied ``dirty`` pages while running ``1 - level`` of the time,
+    so at ``1 - level'`` it dirties ``dirty * (1 - level') / (1 - level)``),
+    by at least THROTTLE_STEP and to at least THROTTLE_INITIAL, at most
+    ``max_level``. It never falls during a migration, as QEMU's does not."""
+
+    def __init__(self, enabled: bool, max_level: float = 0.99):
+        self.enabled = enabled
+        self.max_level = max_level
+        self.level = 0.0
+
+    def judge(self, sent_pages: int, dirty_pages: int) -> float | None:
+        """After a pre-copy pass: the new level, or None to keep it."""
+        if not self.enabled or sent_pages <= 0 or dirty_pages <= THROTTLE_DIRTY_HIGH * sent_pages:
+            return None
+        wanted = 1 - (1 - self.level) * THROTTLE_DIRTY_HIGH * sent_pages / dirty_pages
+        level = min(self.max_level, max(wanted, self.level + THROTTLE_STEP, THROTTLE_INITIAL))
+        if level <= self.level:
+            return None
+        self.level = level
+        return level

@@ -192,6 +192,7 @@ class ProcessSource(Source):
         if ctypes.sizeof(ctypes.c_void_p) != 8:
             raise SourceError("a process source needs a 64-bit system")
         self.pid = pid
+        self.throttle_pid = pid
         self.requested_tracking = tracking
         self.after = after
         self.page_size = page_size

@@ -67,6 +67,11 @@ def summary(s: Sender) -> dict[str, Any]:
             "overflow": t.overflow,
             "passes_off": sum(1 for r in s.passes if s.xbzrle.negotiated and not r.xbzrle),
         },
+        "auto_converge": {
+            "enabled": s.config.auto_converge,
+            "throttle": round(s.throttle_policy.level, 2),  # the last level reached
+            "stopped_ms": ms(s.throttle.stopped_seconds) if s.throttle is not None else 0.0,
+        },
         "passes": [
             {
                 "pass": r.number,
@@ -75,6 +80,7 @@ def summary(s: Sender) -> dict[str, Any]:
                 "seconds": round(r.seconds, 4),
                 "xbzrle": r.xbzrle,
                 "xbzrle_pages": r.stats.xbzrle_pages,
+                "throttle": round(r.throttle, 2),
                 # finding the pages dirty after this pass (the final pass: what the freeze left)
                 "scan_ms": ms(s.scan_seconds[i]) if i < len(s.scan_seconds) else None,
             }

@@ -35,7 +35,7 @@ from migrated.errors import (
     first_migration_error,
 )
 from migrated.pages import image_digest, merge_pages, page_range
-from migrated.policy import DowntimeEstimate, PassReport, TokenBucket, XbzrlePolicy
+from migrated.policy import DowntimeEstimate, PassReport, ThrottlePolicy, TokenBucket, XbzrlePolicy
 from migrated.protocol import (
     CAP_VERIFIED,
     CAP_XBZRLE,
@@ -57,6 +57,7 @@ from migrated.records import BatchStats, BlockInfo, encode_batch
 from migrated.report import Status, summary
 from migrated.source import Block, Source
 from migrated.streams import send_last_gasp, send_some, sends_exactly
+from migrated.throttle import Throttle
 from migrated.units import ms
 
 log = structlog.get_logger("migrated.sender")
@@ -82,6 +83,10 @@ class SendConfig:
     # stop iterating once finding the dirty pages alone takes longer than the
     # downtime limit (tests that force passes with a tiny limit turn it off)
     stop_at_floor: bool = True
+    # auto-converge: hold a source that dirties too fast stopped for a
+    # growing share of the time (SIGSTOP/SIGCONT), up to max_throttle
+    auto_converge: bool = False
+    max_throttle: float = 0.99
 
 
 @dataclass
@@ -200,6 +205,8 @@ class Sender:
         self.status = Status.SETUP
         self.xbzrle = XbzrlePolicy(negotiated=False)
         self.estimate = DowntimeEstimate(config.page_size, config.max_bandwidth)
+        self.throttle_policy = ThrottlePolicy(config.auto_converge, config.max_throttle)
+        self.throttle: Throttle | None = None  # made once there is something to throttle
         self.layout = _Layout()
         self.passes: list[PassReport] = []
         self.scan_seconds: list[float] = []  # finding the pages dirty after each pass (the final one's included)
@@ -363,10 +370,25 @@ class Sender:
         )
 
     async def _migrate(self, stream: trio.abc.Stream) -> None:
+        pid = self.source.throttle_pid
+        if self.config.auto_converge and pid is None:
+            log.warning("cannot_throttle", reason="the source has no process to slow down (a file needs --pause-pid)")
+        with first_migration_error():
+            async with trio.open_nursery() as nursery:
+                if self.config.auto_converge and pid is not None:
+                    self.throttle = Throttle(pid)
+                    nursery.start_soon(self.throttle.run)
+                pass_no, plan = await self._precopy(stream)
+                nursery.cancel_scope.cancel()  # the source runs at full speed again before it is frozen
+        await self._final_pass(stream, pass_no, plan)
+
+    async def _precopy(self, stream: trio.abc.Stream):
+        """The live passes; returns the final pass's number and what it starts from."""
         cfg = self.config
         plan = await self._plan(stream, first=True)
         pass_no = 0
         while True:
+            planned = sum(len(p) for _, _, p in plan)
             report = await self._send_pass(stream, pass_no, plan)
             t_scan = trio.current_time()
             plan = await self._plan(stream, first=False)
@@ -392,6 +414,7 @@ class Sender:
                 dirty_pages=dirty,
                 dirty_pages_rate=round(self.dirty_rate),
                 expected_downtime_ms=ms(self.expected_downtime),
+                throttle=round(self.throttle_policy.level, 2),
             )
             pass_no += 1
             if self.expected_downtime <= cfg.downtime_limit:
@@ -416,6 +439,12 @@ class Sender:
                     hint="track the writer's dirty pages (--dirty-tracking uffd for a process) or raise the limit",
                 )
                 break
+            # pages written before the pass reached them went in it too (rearmed):
+            # the next pass will find about as many again
+            level = self.throttle_policy.judge(report.pages, dirty + max(0, report.pages - planned))
+            if level is not None and self.throttle is not None:
+                self.throttle.set(level)
+                log.info("raise_throttle", **{"pass": pass_no}, throttle=round(level, 2), sent=report.pages)
             change = self.xbzrle.judge(report, pass_no)
             if change is not None and change.enabled:
                 log.info("enable_xbzrle", **{"pass": pass_no})
@@ -426,7 +455,7 @@ class Sender:
                     cache_miss_rate=change.cache_miss_rate,
                     overflow_rate=change.overflow_rate,
                 )
-        await self._final_pass(stream, pass_no, plan)
+        return pass_no, plan
 
     async def _plan(self, stream: trio.abc.Stream, *, first: bool, extra=None):
         """Refresh the source and list, per block, the pages to send."""
@@ -530,7 +559,7 @@ class Sender:
                 await self._until(lambda: pass_no in self._acks)
             seconds = self._acks[pass_no] - start
             self.estimate.measured_pass(wire_bytes, seconds)
-        report = PassReport(pass_no, wire_bytes, seconds, xbzrle, stats)
+        report = PassReport(pass_no, wire_bytes, seconds, xbzrle, stats, 0.0 if final else self.throttle_policy.level)
         self.passes.append(report)
         return report
 

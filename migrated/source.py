@@ -51,6 +51,8 @@ class Source:
     #: whether the source may run again once the receiver has verified the
     #: image, before it is durable (a stop or kill after the commit must wait)
     runs_before_durable = True
+    #: the process that writes the source, which auto-converge may slow down
+    throttle_pid: int | None = None
 
     def open(self) -> None:
         pass
@@ -110,6 +112,7 @@ class FileSource(Source):
         self.description = f"file:{path}"
         self.pauser = SignalPauser(pause_pid) if pause_pid else None
         self.pause_pid = pause_pid
+        self.throttle_pid = pause_pid
         self.requested_tracking = tracking
         self.tracking = "scan"
         self.writer: WriterTracker | None = None  # with tracking "uffd"

@@ -34,6 +34,17 @@ def parse_duration(text: str) -> float:
     return value / 1000 if (m.group(2) or "s").lower() == "ms" else value
 
 
+def parse_fraction(text: str, most: float = 0.99) -> float:
+    """``"0.5"`` or ``"50%"`` -> 0.5, from 0 to ``most``."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a fraction: use a number like 0.5 or a percentage like 50%") from None
+    if not 0 <= value <= most:
+        raise ValueError(f"{text!r} is out of range: 0 to {most:g} ({most:.0%})")
+    return value
+
+
 def parse_address(text: str, default_host: str | None = None) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -80,3 +91,4 @@ def _argtype(parse, what):
 
 size_arg = _argtype(parse_size, "size")
 duration_arg = _argtype(parse_duration, "duration")
+fraction_arg = _argtype(parse_fraction, "fraction")

@@ -37,3 +37,19 @@ def receiver(tmp_path):
     rx = receiver_process(tmp_path)
     yield rx
     rx.kill()
+
+
+@pytest.fixture(scope="session")
+def churn_exe(tmp_path_factory):
+    """tests/churn.c (a process that writes, drops and remaps memory all the
+    time), compiled with the system C compiler."""
+    import subprocess
+    from pathlib import Path
+
+    from migrated._tools import loadgen
+
+    cc = loadgen.compiler()
+    assert cc, "these tests need a C compiler (cc, gcc or clang) on PATH"
+    exe = tmp_path_factory.mktemp("churn") / "churn"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("churn.c"))], check=True)
+    return exe

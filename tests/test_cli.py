@@ -24,3 +24,11 @@ def test_usage_errors_exit_2():
     assert run("bench", "--size", "0").returncode == 2
     assert run("nonsense").returncode == 2
     assert "bench" in run("--help").stdout
+
+
+def test_max_throttle_out_of_range_is_a_usage_error_naming_the_range():
+    base = ("send", "--source", "pid:1", "--to", "127.0.0.1:9", "--name", "x", "--auto-converge")
+    r = run(*base, "--max-throttle", "150%")
+    assert r.returncode == 2 and "0 to 0.99" in r.stderr
+    assert run(*base, "--max-throttle", "lots").returncode == 2
+    assert "--auto-converge" in run("send", "--help").stdout

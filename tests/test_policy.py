@@ -12,6 +12,7 @@ from migrated.policy import (
     MIN_MEASURE_BYTES,
     DowntimeEstimate,
     PassReport,
+    ThrottlePolicy,
     TokenBucket,
     XbzrlePolicy,
 )
@@ -109,3 +110,26 @@ def test_downtime_estimate_adds_rescan_send_and_the_receivers_flush():
 def test_downtime_estimate_falls_back_to_the_bandwidth_cap():
     est = DowntimeEstimate(page_size=4096, max_bandwidth=8 << 20)
     assert est.seconds(2048, PassReport(0)) == pytest.approx(2048 * 4104 / (8 << 20))
+
+
+def test_throttle_rises_to_where_dirtying_would_be_half_the_sending_rate():
+    p = ThrottlePolicy(enabled=True)
+    assert p.judge(sent_pages=1000, dirty_pages=500) is None  # half: keeps up
+    assert p.judge(sent_pages=1000, dirty_pages=800) == pytest.approx(1 - 0.5 * 1000 / 800)  # 0.375
+    # at 0.375 it still dirtied as many as it sent: the running share must halve
+    assert p.judge(sent_pages=1000, dirty_pages=1000) == pytest.approx(1 - 0.625 * 0.5)
+
+
+def test_throttle_starts_at_the_initial_step_rises_by_at_least_a_step_and_never_falls():
+    p = ThrottlePolicy(enabled=True, max_level=0.5)
+    assert p.judge(1000, 510) == pytest.approx(0.2)  # barely over: the initial throttle
+    assert p.judge(1000, 510) == pytest.approx(0.3)  # not enough: one more step at least
+    assert p.judge(1000, 10) is None and p.level == pytest.approx(0.3)  # converging: kept, not lowered
+    assert p.judge(1000, 100_000) == pytest.approx(0.5)  # capped
+    assert p.judge(1000, 100_000) is None
+
+
+def test_throttle_off_or_with_nothing_sent_says_nothing():
+    assert ThrottlePolicy(enabled=False).judge(1000, 100_000) is None
+    assert ThrottlePolicy(enabled=True).judge(0, 100) is None
+    assert ThrottlePolicy(enabled=True, max_level=0.0).judge(1000, 100_000) is None

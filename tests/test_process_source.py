@@ -630,16 +630,6 @@ def test_sender_memory_stays_bounded_for_a_process_larger_than_its_cache(receive
         child.wait()
 
 
-@pytest.fixture(scope="module")
-def churn_exe(tmp_path_factory):
-    """tests/churn.c, compiled with the system C compiler."""
-    cc = loadgen.compiler()
-    assert cc, "these tests need a C compiler (cc, gcc or clang) on PATH"
-    exe = tmp_path_factory.mktemp("churn") / "churn"
-    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("churn.c"))], check=True)
-    return exe
-
-
 @pytest.mark.parametrize("thp", [0, 1], ids=["small-pages", "huge-pages"])
 @pytest.mark.parametrize("tracking", ["uffd", "scan"])
 async def test_a_churning_process_is_committed_exactly_as_it_stopped(tmp_path, churn_exe, tracking, thp):

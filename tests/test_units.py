@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from migrated.units import duration_arg, format_size, parse_duration, parse_size, size_arg
+from migrated.units import duration_arg, format_size, parse_duration, parse_fraction, parse_size, size_arg
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,12 @@ def test_addresses():
     for bad in ("nohost", "h:", "h:99999", ":80", "h:x"):
         with pytest.raises(ValueError, match=r"HOST:PORT|port must be|no host"):
             parse_address(bad)
+
+
+def test_fractions_as_numbers_or_percentages_within_their_range():
+    assert parse_fraction("0.5") == 0.5
+    assert parse_fraction("75%") == 0.75
+    assert parse_fraction("0") == 0.0
+    for bad in ("1", "100%", "-0.1", "nan", "half", ""):
+        with pytest.raises(ValueError, match="fraction|out of range"):
+            parse_fraction(bad)

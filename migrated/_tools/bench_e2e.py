@@ -266,10 +266,10 @@ def run_scaling(sizes=SCALING_SIZES_MIB, trackings=("uffd", "scan"), progress=No
     return {"rows": rows, "tracking_cost_target": TRACKING_COST_TARGET, "criu_ms": DOWNTIME_CRIU_MS}
 
 
-def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: str, tmp: Path) -> dict:
+def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: str, tmp: Path, *extra: str) -> dict:
     name = f"scale{size_mib}{tracking}"
     args = ["--source", f"pid:{pid}", "--to", receiver.address, "--name", name, "--json"]
-    args += ["--dirty-tracking", tracking, "--after", "resume"]
+    args += ["--dirty-tracking", tracking, "--after", "resume", *extra]
     with open(tmp / "send.out", "w+") as out, open(tmp / "send.err", "w") as err:
         sender = subprocess.Popen([*CLI, "send", *args], stdout=out, stderr=err)
         _, status, usage = os.wait4(sender.pid, 0)
