@@ -83,6 +83,8 @@ def summary(s: Sender) -> dict[str, Any]:
                 "throttle": round(r.throttle, 2),
                 # finding the pages dirty after this pass (the final pass: what the freeze left)
                 "scan_ms": ms(s.scan_seconds[i]) if i < len(s.scan_seconds) else None,
+                # rearming the tracked writes of its spans while it ran (Source.rearm)
+                "rearm_ms": ms(s.rearm_seconds[i]) if i < len(s.rearm_seconds) else None,
             }
             for i, r in enumerate(s.passes)
         ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,6 +211,7 @@ class Sender:
         self.layout = _Layout()
         self.passes: list[PassReport] = []
         self.scan_seconds: list[float] = []  # finding the pages dirty after each pass (the final one's included)
+        self.rearm_seconds: list[float] = []  # rearming spans during each pass (Source.rearm), in all
         self.expected_downtime = 0.0
         self.downtime: float | None = None
         self.converged = False
@@ -508,6 +510,7 @@ class Sender:
             self.xbzrle.start(seeded=seed)
         start = trio.current_time()
         sent_before = self.transferred
+        rearmed_before = self.source.rearm_seconds
         stats = BatchStats()
         send_ch, recv_ch = trio.open_memory_channel(ENCODED_AHEAD)
 
@@ -560,6 +563,7 @@ class Sender:
             seconds = self._acks[pass_no] - start
             self.estimate.measured_pass(wire_bytes, seconds)
         report = PassReport(pass_no, wire_bytes, seconds, xbzrle, stats, 0.0 if final else self.throttle_policy.level)
+        self.rearm_seconds.append(self.source.rearm_seconds - rearmed_before)
         self.passes.append(report)
         return report
 
@@ -682,7 +686,9 @@ def _encode(source, gathered, cache, index, bid, block, pages, span, xbzrle, fir
     first (``Source.rearm``). Returns the records (None: no page), their
     counts, and the pages that did not fit in this batch (None: none)."""
     if span is not None:
+        t0 = time.perf_counter()
         found = source.rearm(block, *span)
+        source.rearm_seconds += time.perf_counter() - t0
         if len(found):
             pages = merge_pages(pages, found)
     rest = None

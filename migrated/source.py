@@ -53,6 +53,8 @@ class Source:
     runs_before_durable = True
     #: the process that writes the source, which auto-converge may slow down
     throttle_pid: int | None = None
+    #: seconds spent in ``rearm`` so far (the sender reports it per pass)
+    rearm_seconds = 0.0
 
     def open(self) -> None:
         pass
@@ -117,6 +119,7 @@ class FileSource(Source):
         self.tracking = "scan"
         self.writer: WriterTracker | None = None  # with tracking "uffd"
         self._dirty: array | None = None  # the pages the writer wrote since the last refresh (None: scan)
+        self._lost = False  # a rearm lost track of the writes: the next pass scans
         self._fd = -1
         self._map: mmap.mmap | bytes | None = None
         self._size = -1
@@ -185,18 +188,22 @@ class FileSource(Source):
         changed or do not cover it (the writes from now on are the next
         pass's either way). A writer that cannot be tracked any more leaves
         the scan for good."""
-        from migrated.uffd import UffdUnavailable
+        from migrated.uffd import RangeChanged, UffdUnavailable
 
         assert self.writer is not None
+        lost, self._lost = self._lost, False
         try:
             followed = self.writer.follow(size)
             written = self.writer.written(0, page_count(size, self.page_size))
+        except RangeChanged as exc:  # remapped meanwhile: this pass scans
+            log.info("lose_track", path=str(self.path), reason=str(exc))
+            return None
         except UffdUnavailable as exc:
             log.warning("track_by_scan", path=str(self.path), reason=str(exc))
             self.writer.close()
             self.writer, self.tracking = None, "scan"
             return None
-        return written if followed and size == self._size else None
+        return written if followed and size == self._size and not lost else None
 
     def changed(self, block: Block, hashes, first: int = 0, end: int = -1):
         """The pages the writer wrote, where it is tracked; the hash scan otherwise."""
@@ -210,8 +217,15 @@ class FileSource(Source):
         return self.writer is not None
 
     def rearm(self, block: Block, first: int, end: int) -> array:
+        from migrated.uffd import RangeChanged
+
         assert self.writer is not None
-        return self.writer.written(first, end)
+        try:
+            return self.writer.written(first, end)
+        except RangeChanged as exc:  # the writer remapped the file meanwhile: the next pass scans
+            log.info("lose_track", path=str(self.path), reason=str(exc))
+            self._lost = True
+            return _no_pages()
 
     def info(self) -> dict:
         return {"dirty_tracking": self.tracking}
@@ -233,6 +247,12 @@ class FileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _no_pages() -> array:
+    from array import array
+
+    return array("Q")
 
 
 def process_state(pid: int, tid: int | None = None) -> str | None:

@@ -279,7 +279,8 @@ def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: s
         raise RuntimeError(f"migrated send exited {os.waitstatus_to_exitcode(status)}: see {tmp / 'send.err'}")
     s = json.loads(text)
     passes = s["passes"]
-    scans = [p["scan_ms"] for p in passes[1:-1] if p["scan_ms"] is not None]  # between pre-copy passes
+    # between pre-copy passes: finding the dirty pages, and rearming them while the pass ran
+    scans = [p["scan_ms"] + (p["rearm_ms"] or 0) for p in passes[1:-1] if p["scan_ms"] is not None]
     return {
         "name": name,
         "size_mib": size_mib,
