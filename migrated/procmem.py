@@ -214,7 +214,8 @@ class ProcessSource(Source):
         self._present: dict[str, array] = {}  # its pages present or swapped out
         self._zero: dict[str, array] = {}  # pages known to be zero (not read)
         self._dirty: dict[str, array] = {}  # pages written since the last refresh, where the kernel says
-        self._lost: set[str] = set()  # blocks whose writes are unknown this refresh: hash-scanned
+        self._rearmed: dict[str, array] = {}  # pages ``rearm`` found written since the last refresh
+        self._lost: set[str] = set()  # blocks whose writes ``rearm`` lost track of: read whole next
         self._chunks: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hash-scan buffers, one per thread
 
     # -- set-up ----------------------------------------------------------
@@ -307,6 +308,7 @@ class ProcessSource(Source):
         for gone in set(self._maps) - set(ids):
             for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
                 held.pop(gone, None)
+        self._rearmed.clear()  # what the last pass found is in this refresh's
         self._lost.clear()
         return blocks
 
@@ -362,7 +364,11 @@ class ProcessSource(Source):
         as written: this counts every such drop as a change)."""
         if not m.anonymous:  # an absent page of a file mapping still holds the file's bytes
             return written, array("Q")
-        cleared = pages.difference_pages(self._present.get(bid, present), present)
+        before = self._present.get(bid, present)
+        rearmed = self._rearmed.pop(bid, None)
+        if rearmed is not None:  # present at their read, after the last refresh
+            before = pages.merge_pages(before, rearmed)
+        cleared = pages.difference_pages(before, present)
         if not len(cleared):
             return written, cleared
         return pages.merge_pages(written, cleared), pages.difference_pages(cleared, written)
@@ -388,6 +394,39 @@ class ProcessSource(Source):
             return found
         finally:
             self._chunks.put(chunk)
+
+    def rearms(self, block: Block) -> bool:
+        bid = block.info.id
+        m = self._maps.get(bid)
+        return (
+            not self.frozen
+            and m is not None
+            and bid not in self._lost
+            and self._tracked.get(bid) == (m.start, m.length)
+        )
+
+    def rearm(self, block: Block, first: int, end: int) -> array:
+        """The pages written since the last refresh or rearm in pages
+        ``first`` to ``end``, write-protected again; each is now present, so
+        it leaves the known-zero pages (``gather`` reads it) and joins those
+        whose drop the next refresh looks for."""
+        assert self.tracker is not None
+        bid = block.info.id
+        m = self._maps[bid]
+        try:
+            written = self.tracker.written(m.start + first * PAGE, (end - first) * PAGE, origin=m.start)
+        except RangeChanged as exc:  # moved or remapped meanwhile: the next pass reads it whole
+            log.info("lose_track", pid=self.pid, block=bid, reason=str(exc))
+            self._lost.add(bid)
+            self._tracked.pop(bid, None)
+            return array("Q")
+        if len(written) and m.anonymous:
+            zero = self._zero[bid]
+            lo, hi = bisect.bisect_left(zero, first), bisect.bisect_left(zero, end)
+            if lo < hi:
+                zero[lo:hi] = pages.difference_pages(zero[lo:hi], written)
+            self._rearmed.setdefault(bid, array("Q")).extend(written)  # ascending: spans come in order
+        return written
 
     def gather(self, block: Block, wanted, into) -> memoryview:
         """Read the pages ``wanted`` of ``block`` into ``into``, in order;
@@ -495,7 +534,7 @@ class ProcessSource(Source):
         if self.tracker is not None:
             self.tracker.close()  # unregisters and unprotects everything: the target is as it was
             self.tracker = None
-        for held in (self._maps, self._present, self._zero, self._dirty, self._tracked):
+        for held in (self._maps, self._present, self._zero, self._dirty, self._tracked, self._rearmed):
             held.clear()
         for fd in (self._mem, self._pagemap):
             if fd >= 0:

@@ -182,6 +182,43 @@ class _Tracked:
             p - self.at for p in self.source.changed(self.block, hashes) if self.at <= p < self.at + self.child.npages
         ]
 
+    def rearm(self, first: int, end: int) -> list[int]:
+        return [p - self.at for p in self.source.rearm(self.block, self.at + first, self.at + end)]
+
+    def page(self, p: int) -> bytes:
+        into = bytearray(PAGE)
+        return bytes(self.source.gather(self.block, array("Q", [self.at + p]), into))
+
+
+def test_a_page_written_before_the_pass_reads_it_goes_in_that_pass_only(child):
+    """Rearming a span just before reading it (KVM's clear-before-send): the
+    writes there so far are read now, only later ones count for the next pass."""
+    child.write(range(0, 100))
+    t = _Tracked(child)
+    try:
+        assert t.source.rearms(t.block)
+        child.write([5, 60, 600])
+        assert t.rearm(0, 100) == [5, 60]  # read in this pass
+        child.write([7])  # after its span was read
+        assert t.dirty() == [7, 600], "600 was not rearmed yet; 5 and 60 were, before their read"
+    finally:
+        t.source.close()
+
+
+def test_a_page_first_written_mid_pass_is_read_not_taken_for_zero(child):
+    """A page absent at the refresh is known to be zero and not read; once a
+    rearm finds it written, it is read, and a later drop of it is still seen."""
+    t = _Tracked(child)
+    try:
+        assert t.page(9) == bytes(PAGE)  # absent: zero-filled
+        child.write([9, 11])
+        assert t.rearm(8, 12) == [9, 11]
+        assert t.page(9)[0] == 1, "a page the rearm found written is read, not zero-filled"
+        child.do("d 11 1")  # present at its read, dropped since
+        assert t.dirty() == [11], "the drop of a page that became present mid-pass counts as a change"
+    finally:
+        t.source.close()
+
 
 def test_memory_remapped_under_a_tracked_range_is_scanned_not_a_failure(child):
     """The process maps new memory over part of a tracked mapping (MAP_FIXED):
@@ -244,6 +281,15 @@ def test_a_tracked_shared_memory_file_rearms_through_its_writer(tmp_path):
         writer.kill()
         writer.wait()
         path.unlink()
+
+
+def test_a_source_without_tracking_does_not_rearm(child):
+    source = ProcessSource(child.pid, tracking="scan", after="resume")
+    source.open()
+    try:
+        assert not any(source.rearms(b) for b in source.refresh())
+    finally:
+        source.close()
 
 
 def test_nothing_is_left_in_the_child_after_close(child):
