@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="slow down a source that dirties pages faster than they can be sent: after a pass that left "
         "more than half as many pages dirty as it sent, hold the process (or the --pause-pid writer) "
         "stopped for a growing share of every 50 ms (SIGSTOP/SIGCONT, as QEMU's cpu-throttle), until the "
-        "final pass; it runs at full speed again afterwards, even if the sender dies (default off)",
+        "final pass; it runs at full speed again afterwards, even if the sender dies. Its parent sees the "
+        "stops as it would any SIGSTOP (default off)",
     )
     s.add_argument(
         "--max-throttle",

@@ -302,6 +302,9 @@ class ProcessSource(Source):
                 self._dirty.pop(bid, None)
             else:
                 self._dirty[bid] = dirty
+            if written is not None and len(written) and m.anonymous:
+                # a page first written after the present scan is present too: its drop must be seen
+                present[bid] = pages.merge_pages(present[bid], written)
             self._zero[bid], self._present[bid], self._maps[bid] = zero, present[bid], m
             info = {"start": m.start, "perms": m.perms, "path": m.path, "offset": m.offset}
             blocks.append(Block(BlockInfo(bid, m.length, self.page_size, info), None))

@@ -390,7 +390,7 @@ class Sender:
         plan = await self._plan(stream, first=True)
         pass_no = 0
         while True:
-            planned = sum(len(p) for _, _, p in plan)
+            rearm_added_before = self.source.rearm_added
             report = await self._send_pass(stream, pass_no, plan)
             t_scan = trio.current_time()
             plan = await self._plan(stream, first=False)
@@ -443,7 +443,8 @@ class Sender:
                 break
             # pages written before the pass reached them went in it too (rearmed):
             # the next pass will find about as many again
-            level = self.throttle_policy.judge(report.pages, dirty + max(0, report.pages - planned))
+            rearmed = self.source.rearm_added - rearm_added_before
+            level = self.throttle_policy.judge(report.pages, dirty + rearmed) if self.throttle is not None else None
             if level is not None and self.throttle is not None:
                 self.throttle.set(level)
                 log.info("raise_throttle", **{"pass": pass_no}, throttle=round(level, 2), sent=report.pages)
@@ -690,7 +691,9 @@ def _encode(source, gathered, cache, index, bid, block, pages, span, xbzrle, fir
         found = source.rearm(block, *span)
         source.rearm_seconds += time.perf_counter() - t0
         if len(found):
+            listed = len(pages)
             pages = merge_pages(pages, found)
+            source.rearm_added += len(pages) - listed
     rest = None
     if len(pages) > BATCH_PAGES:
         pages, rest = pages[:BATCH_PAGES], pages[BATCH_PAGES:]

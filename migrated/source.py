@@ -53,8 +53,10 @@ class Source:
     runs_before_durable = True
     #: the process that writes the source, which auto-converge may slow down
     throttle_pid: int | None = None
-    #: seconds spent in ``rearm`` so far (the sender reports it per pass)
+    #: seconds spent in ``rearm`` so far (the sender reports it per pass),
+    #: and the pages it added to the passes' lists
     rearm_seconds = 0.0
+    rearm_added = 0
 
     def open(self) -> None:
         pass

@@ -95,6 +95,7 @@ class Throttle:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C at the sender's terminal is the sender's to handle
         )
         log.info("throttle_source", pid=self.pid, throttle=round(self.level, 2), watcher=watcher.pid)
         return watcher
