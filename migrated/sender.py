@@ -419,7 +419,10 @@ class Sender:
                 throttle=round(self.throttle_policy.level, 2),
             )
             pass_no += 1
-            if self.expected_downtime <= cfg.downtime_limit:
+            # after pass 0 alone the estimate knows only a sequential pass's
+            # cost; a dirty pass is measured before the freeze is trusted to it
+            # (the final pass's scattered pages went at about half that rate)
+            if self.expected_downtime <= cfg.downtime_limit and (dirty == 0 or report.number >= 1):
                 self.converged = True
                 self.stop_reason = "converged"
                 break
