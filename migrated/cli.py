@@ -61,7 +61,15 @@ def _receive(args: argparse.Namespace) -> int:
         raise UsageError(f"--listen: {exc}") from None
     logsetup.configure(args.log_format, args.log_level)
     try:
-        receiver = Receiver(ReceiverConfig(args.dir, not args.no_xbzrle, args.idle_timeout, args.shutdown_grace))
+        receiver = Receiver(
+            ReceiverConfig(
+                args.dir,
+                xbzrle=not args.no_xbzrle,
+                idle_timeout=args.idle_timeout,
+                shutdown_grace=args.shutdown_grace,
+                stage_in_memory=args.stage_in_memory,
+            )
+        )
     except StoreError as exc:
         print(f"migrated: receive failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -406,6 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="DURATION",
         help="on SIGTERM, time running migrations get to finish (default 30s)",
+    )
+    r.add_argument(
+        "--stage-in-memory",
+        action="store_true",
+        help="hold each image being received in memory (one memfd per block) and write it to --dir in one "
+        "sequential pass at the commit, after the digest matched: a disk that cannot keep up with scattered "
+        "page writes then does not hold a fast-changing source back from converging. Needs memory for the "
+        "whole image (reserved up front, as is its space in --dir); the commit takes as long as writing the "
+        "image, outside the downtime of a source released at VERIFIED (default off: pages go to the block "
+        "files as they arrive)",
     )
     _log_args(r)
     r.set_defaults(func=_receive)

@@ -62,6 +62,8 @@ class ReceiverConfig:
     xbzrle: bool = True
     idle_timeout: float = 60.0
     shutdown_grace: float = 30.0
+    # hold each image being received in memory, written to the directory at the commit
+    stage_in_memory: bool = False
 
 
 class Receiver:
@@ -308,7 +310,9 @@ class _Session:
         structlog.contextvars.bind_contextvars(migration=name)
         if name in self.receiver.busy:
             raise Busy(f"a migration to image {name!r} is already in progress on this receiver")
-        self.staging = self.receiver.store.begin(name, hello.page_size, hello.source)
+        self.staging = self.receiver.store.begin(
+            name, hello.page_size, hello.source, memory=self.config.stage_in_memory
+        )
         self.applier = self.staging.applier
         self.name = name
         self.receiver.busy.add(name)

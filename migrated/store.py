@@ -103,12 +103,14 @@ class ImageStore:
                 removed.append(n)
         return removed
 
-    def begin(self, name: str, page_size: int, source: str = "") -> Staging:
+    def begin(self, name: str, page_size: int, source: str = "", memory: bool = False) -> Staging:
+        """A new staging for image ``name``; ``memory``: its pages are held in
+        memory and written to the directory once, at the commit."""
         check_name(name)
         target = self.root / name
         if target.exists() and not target.is_symlink():
             raise StoreError(f"{target} exists and is not an image committed by migrated; move it away")
-        return Staging(self, name, page_size, source)
+        return Staging(self, name, page_size, source, memory)
 
 
 class _BlockFile:
@@ -116,12 +118,17 @@ class _BlockFile:
     the applier marks each page it writes, ``rehash`` hashes the marked
     pages (so the digest at commit reads only what the last rounds wrote)."""
 
-    __slots__ = ("info", "path", "fd", "map", "alloc", "hashes", "marks")
+    __slots__ = ("info", "path", "fd", "disk", "map", "alloc", "hashes", "marks")
 
-    def __init__(self, info: BlockInfo, path: Path):
+    def __init__(self, info: BlockInfo, path: Path, memory: bool = False):
         self.info = info
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # in memory: the pages live in a memfd until the commit writes them to
+        # ``path``, which holds the disk space reserved meanwhile
+        self.disk = -1
+        if memory:
+            self.disk, self.fd = self.fd, os.memfd_create(f"migrated-{path.name}", os.MFD_CLOEXEC)
         self.map: mmap.mmap | bytearray | None = None
         self.alloc = 0
         self.hashes = array("Q")
@@ -134,15 +141,16 @@ class _BlockFile:
         self.unmap()
         ps = info.page_size
         alloc = page_count(info.length, ps) * ps
-        try:
-            if alloc < self.alloc:
-                os.ftruncate(self.fd, alloc)
-            elif alloc > self.alloc:
-                os.posix_fallocate(self.fd, self.alloc, alloc - self.alloc)
-        except OSError as exc:
-            raise storage_error(
-                exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {self.path.parent}"
-            ) from None
+        for fd, where in ((self.disk, self.path.parent), (self.fd, "memory" if self.disk >= 0 else self.path.parent)):
+            if fd < 0:
+                continue
+            try:
+                if alloc < self.alloc:
+                    os.ftruncate(fd, alloc)
+                elif alloc > self.alloc:
+                    os.posix_fallocate(fd, self.alloc, alloc - self.alloc)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot reserve {alloc} bytes for block {info.id!r} in {where}") from None
         old_pages = len(self.hashes)
         self.alloc = alloc
         self.info = info
@@ -167,6 +175,18 @@ class _BlockFile:
         with memoryview(self.map) as mv:
             return hash_marked(mv[: self.info.length], self.marks, self.hashes, self.info.page_size)
 
+    def write_out(self) -> None:
+        """For a block held in memory: write it to its file, in order, and
+        let the memory go; ``fd`` is the file's from then on."""
+        if self.disk < 0:
+            return
+        self.unmap()
+        off = 0
+        while off < self.alloc:
+            off += os.sendfile(self.disk, self.fd, off, self.alloc - off)
+        os.close(self.fd)
+        self.fd, self.disk = self.disk, -1
+
     def unmap(self) -> None:
         if isinstance(self.map, mmap.mmap):
             self.map.close()
@@ -174,9 +194,10 @@ class _BlockFile:
 
     def close(self) -> None:
         self.unmap()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.disk):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.disk = -1
 
 
 class Staging:
@@ -186,8 +207,9 @@ class Staging:
     then ``digest`` and ``commit`` (then ``tidy``); ``discard`` on any failure
     (it is idempotent)."""
 
-    def __init__(self, store: ImageStore, name: str, page_size: int, source: str):
+    def __init__(self, store: ImageStore, name: str, page_size: int, source: str, memory: bool = False):
         self.store = store
+        self.memory = memory  # block pages held in memory until the commit
         self.name = name
         self.page_size = page_size
         self.source = source
@@ -221,7 +243,7 @@ class Staging:
             kept = self.blocks.get(b.id)
             if kept is None:
                 self._files += 1
-                self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem")
+                self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem", self.memory)
                 created.add(b.id)
             elif kept.info.length != b.length or kept.map is None:
                 kept.resize(b)
@@ -271,6 +293,10 @@ class Staging:
         blocks = []
         for bid in self.order:
             f = self.blocks[bid]
+            try:
+                f.write_out()
+            except OSError as exc:
+                raise storage_error(exc, f"cannot write block {bid!r} of image {self.name!r} to {self.dir}") from None
             f.unmap()
             os.ftruncate(f.fd, f.info.length)
             os.fsync(f.fd)  # covers pages written through the mapping too

@@ -293,18 +293,20 @@ async def _proxy(listen_port_ready, target_port, corrupt_marker: bytes, *, task_
     await trio.serve_listeners(handle, listeners)
 
 
-async def test_corrupted_page_in_flight_is_caught_by_the_digest(tmp_path, nursery):
+@pytest.mark.parametrize("staging", ["on-disk", "in-memory"])
+async def test_corrupted_page_in_flight_is_caught_by_the_digest(tmp_path, nursery, staging):
     images = tmp_path / "images"
     good = tmp_path / "good.img"
     good_data = make_image(good, 2 * MiB, seed=5)
     bad = tmp_path / "bad.img"
     make_image(bad, 2 * MiB, seed=6, marker=b"CORRUPT-ME-IN-FLIGHT")
     with trio.fail_after(8):
-        await _corrupted(images, good, good_data, bad, nursery)
+        await _corrupted(images, good, good_data, bad, nursery, staging == "in-memory")
 
 
-async def _corrupted(images, good, good_data, bad, nursery):
-    async with running_receiver(images) as rx:
+async def _corrupted(images, good, good_data, bad, nursery, in_memory):
+    async with running_receiver(images, stage_in_memory=in_memory) as rx:
+        assert rx.config.stage_in_memory == in_memory
         await migrate(rx.port, FileSource(str(good)), name="vm")
         port = await nursery.start(_proxy, None, rx.port, b"CORRUPT-ME-IN-FLIGHT")
         with pytest.raises(PeerError) as info:
@@ -941,3 +943,35 @@ async def test_batches_that_frame_nothing_do_not_let_the_encoder_overrun_the_sen
     assert source.frozen is not None
     for i, want in enumerate(source.frozen):
         assert (images / "img" / blocks[f"b{i:03}"]).read_bytes() == want, f"block {i}"
+
+
+class _PeekingAtTheStaging(SnapshotSource):
+    """Reads the receiver's staging files on disk when it is frozen (the
+    final pass): with the image held in memory, nothing is there yet."""
+
+    images: Path
+    on_disk: bytes = b""
+
+    def freeze(self):
+        super().freeze()
+        (staging,) = self.images.glob(".img.staging-*")
+        self.on_disk = b"".join(f.read_bytes() for f in sorted(staging.glob("*.mem")))
+
+
+async def test_an_image_staged_in_memory_reaches_the_disk_only_at_the_commit(tmp_path):
+    """--stage-in-memory: the passes go to memfds, the block files hold the
+    reserved space only, and the commit writes the verified image to them."""
+    path = tmp_path / "src.img"
+    make_image(path, 8 * MiB, seed=3)
+    images = tmp_path / "images"
+    async with running_receiver(images, stage_in_memory=True) as rx:
+        with writer(path, "--stride", "4096", "--pause", "0.02") as w:
+            source = _PeekingAtTheStaging(str(path), pause_pid=w.pid, tracking="scan")
+            source.images = images
+            s = await migrate(
+                rx.port, source, downtime_limit=1e-6, max_iterations=3, stop_at_floor=False, max_bandwidth=32 * MiB
+            )
+    assert s["status"] == "completed" and s["iterations"] == 4
+    assert len(source.on_disk) == 8 * MiB and source.on_disk == bytes(8 * MiB), "nothing written to disk before"
+    assert image_bytes(images, "img") == source.frozen
+    assert staging_left(images) == []
