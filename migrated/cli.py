@@ -421,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold each image being received in memory (one memfd per block) and write it to --dir in one "
         "sequential pass at the commit, after the digest matched: a disk that cannot keep up with scattered "
         "page writes then does not hold a fast-changing source back from converging. Needs memory for the "
-        "whole image (reserved up front, as is its space in --dir); the commit takes as long as writing the "
-        "image, outside the downtime of a source released at VERIFIED (default off: pages go to the block "
-        "files as they arrive)",
+        "whole image (allocated up front; its space in --dir is reserved too). The commit takes as long as "
+        "writing the image: outside the downtime of a source released at VERIFIED (--after resume, a file's "
+        "writer), inside it for --after stop or kill; the sender waits up to 10 minutes for it (default "
+        "off: pages go to the block files as they arrive)",
     )
     _log_args(r)
     r.set_defaults(func=_receive)

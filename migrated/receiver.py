@@ -187,6 +187,7 @@ class _Session:
         self.ended_pass = -1  # the last pass whose END_OF_PASS arrived
         self.written_back = -1  # the last pass a write-back covered
         self.writing_back = False
+        self.completing = False  # COMPLETE arrived: the sender sends nothing more until COMMITTED
 
     def progress(self) -> dict:
         applied = {
@@ -219,6 +220,8 @@ class _Session:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise PeerGone(f"connection lost: {exc.__cause__ or exc}") from None
             if idle.cancelled_caught:
+                if self.completing:  # the sender waits for COMMITTED: the commit may take long
+                    continue
                 raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
             await chunks.send(buf[:n])
             if not n:
@@ -277,6 +280,7 @@ class _Session:
                     self.writing_back = True
                     background.start_soon(self.write_back)
             elif isinstance(event, Complete):
+                self.completing = True
                 arrived = trio.current_time()
                 await self.commit(event.digest, event.source_info, arrived)
                 return
@@ -334,19 +338,24 @@ class _Session:
                 )
             if CAP_VERIFIED in self.conn.capabilities:
                 await self.send(Verified(digest))
-            async with self.syncing:
-                synced = trio.current_time()
-                path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
-        self.staging = None
-        self.receiver.completed += 1
-        timings = {
-            "wait": ms(started - arrived),
-            "digest": ms(verified - started),
-            "flush_wait": ms(synced - verified),
-            "sync": ms(staging.sync_seconds),
-            "swap": ms(staging.swap_seconds),
-        }
-        await self.send(Committed(digest, str(path), timings))
+            # from here on the image is being committed (a thread that cannot be
+            # stopped): neither a shutdown's grace running out nor anything
+            # else may turn it into a reported failure; COMMITTED goes out
+            with trio.CancelScope(shield=True):
+                async with self.syncing:
+                    synced = trio.current_time()
+                    path = await trio.to_thread.run_sync(staging.commit, digest, source_info)
+                self.staging = None
+                self.receiver.completed += 1
+                timings = {
+                    "wait": ms(started - arrived),
+                    "digest": ms(verified - started),
+                    "flush_wait": ms(synced - verified),
+                    "sync": ms(staging.sync_seconds),
+                    "swap": ms(staging.swap_seconds),
+                }
+                with trio.move_on_after(self.config.idle_timeout):
+                    await self.send(Committed(digest, str(path), timings))
         log.info(
             "commit_image",
             path=str(path),

@@ -13,7 +13,9 @@ through the mapping, and whole pages of a new file are written to it with
 ``pwritev`` (a first write through a mapping faults every page in and has
 the kernel zero-fill it before the copy; that was two thirds of the
 receiver's time in pass 0). Either way the pages live in the page cache, so
-the receiver's own memory does not grow with the image. ``posix_fallocate``
+the receiver's own memory does not grow with the image, unless it is asked
+to hold images in memory until the commit (``memory``: one memfd per block,
+written to the block file at the commit; the file reserves the space). ``posix_fallocate``
 reserves the space first, so a full disk is a clear error rather than a
 SIGBUS.
 """
@@ -127,13 +129,17 @@ class _BlockFile:
         # in memory: the pages live in a memfd until the commit writes them to
         # ``path``, which holds the disk space reserved meanwhile
         self.disk = -1
-        if memory:
-            self.disk, self.fd = self.fd, os.memfd_create(f"migrated-{path.name}", os.MFD_CLOEXEC)
         self.map: mmap.mmap | bytearray | None = None
         self.alloc = 0
         self.hashes = array("Q")
         self.marks = bytearray()
-        self.resize(info)
+        try:
+            if memory:
+                self.disk, self.fd = self.fd, os.memfd_create(f"migrated-{path.name}", os.MFD_CLOEXEC)
+            self.resize(info)
+        except BaseException:
+            self.close()  # nothing keeps this block: its descriptors (and the space they hold) go now
+            raise
 
     def resize(self, info: BlockInfo) -> None:
         """Make the file hold ``info.length`` bytes rounded up to a page (the
@@ -183,7 +189,10 @@ class _BlockFile:
         self.unmap()
         off = 0
         while off < self.alloc:
-            off += os.sendfile(self.disk, self.fd, off, self.alloc - off)
+            sent = os.sendfile(self.disk, self.fd, off, self.alloc - off)
+            if sent <= 0:
+                raise OSError(errno.EIO, f"the block held in memory ended at byte {off} of {self.alloc}")
+            off += sent
         os.close(self.fd)
         self.fd, self.disk = self.disk, -1
 
@@ -276,7 +285,7 @@ class Staging:
         left to sync. Runs while the next pass is being applied, but never
         while the block list changes."""
         for f in list(self.blocks.values()):
-            if f.fd >= 0:
+            if f.fd >= 0 and f.disk < 0:  # a block held in memory goes to disk at the commit
                 os.fdatasync(f.fd)
 
     def digest(self) -> str:
@@ -286,17 +295,13 @@ class Staging:
             f.rehash()
         return image_digest((bid, self.blocks[bid].info.length, self.blocks[bid].hashes) for bid in self.order)
 
-    def commit(self, digest: str, source_info: dict | None = None) -> Path:
-        """Make this the committed image of its name, atomically and durably."""
-        started = time.monotonic()
-        self.applier.release()
+    def _write_durably(self, digest: str, source_info: dict | None) -> None:
+        """The block files (written out from memory first, where held there)
+        and the manifest, on disk and synced, in the staging directory."""
         blocks = []
         for bid in self.order:
             f = self.blocks[bid]
-            try:
-                f.write_out()
-            except OSError as exc:
-                raise storage_error(exc, f"cannot write block {bid!r} of image {self.name!r} to {self.dir}") from None
+            f.write_out()
             f.unmap()
             os.ftruncate(f.fd, f.info.length)
             os.fsync(f.fd)  # covers pages written through the mapping too
@@ -320,6 +325,15 @@ class Staging:
         for f in self.blocks.values():
             f.close()
         _fsync_dir(self.dir)
+
+    def commit(self, digest: str, source_info: dict | None = None) -> Path:
+        """Make this the committed image of its name, atomically and durably."""
+        started = time.monotonic()
+        self.applier.release()
+        try:
+            self._write_durably(digest, source_info)
+        except OSError as exc:  # a full disk at the manifest, EIO writing a block held in memory...
+            raise storage_error(exc, f"cannot commit image {self.name!r} in {self.store.root}") from None
         synced = time.monotonic()
         self.sync_seconds = synced - started
         root = self.store.root

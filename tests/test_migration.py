@@ -3,6 +3,7 @@ loopback TCP, and writer processes changing the image while it moves."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -975,3 +976,56 @@ async def test_an_image_staged_in_memory_reaches_the_disk_only_at_the_commit(tmp
     assert len(source.on_disk) == 8 * MiB and source.on_disk == bytes(8 * MiB), "nothing written to disk before"
     assert image_bytes(images, "img") == source.frozen
     assert staging_left(images) == []
+
+
+async def test_a_commit_longer_than_the_idle_timeout_is_reported_committed(tmp_path, monkeypatch):
+    """The sender sends nothing while the receiver commits (with the image in
+    memory, writing it all): the idle timeout no longer runs out meanwhile
+    and turns a committed image into a reported failure."""
+    from migrated.store import Staging
+
+    commit = Staging.commit
+
+    def slow_commit(self, *args):
+        time.sleep(0.8)  # in the commit's worker thread
+        return commit(self, *args)
+
+    monkeypatch.setattr(Staging, "commit", slow_commit)
+    path = tmp_path / "src.img"
+    data = make_image(path, 2 * MiB)
+    images = tmp_path / "images"
+    async with running_receiver(images, stage_in_memory=True, idle_timeout=0.2) as rx:
+        s = await migrate(rx.port, FileSource(str(path)))
+        assert rx.completed == 1 and rx.failed == 0
+    assert s["status"] == "completed"
+    assert image_bytes(images, "img") == data
+
+
+async def test_a_block_that_cannot_be_reserved_leaves_no_descriptor_behind(tmp_path, monkeypatch):
+    """A full disk (or memory) when a block is reserved: the migration fails
+    with no-space, and the receiver holds no descriptor of the staging's
+    files (a deleted file held open keeps its space taken)."""
+    from migrated import store
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", full)
+    path = tmp_path / "src.img"
+    make_image(path, 1 * MiB)
+    images = tmp_path / "images"
+    async with running_receiver(images, stage_in_memory=True) as rx:
+        with pytest.raises(PeerError) as info:
+            await migrate(rx.port, FileSource(str(path)))
+        await failure_seen(rx)
+    assert info.value.code == "no-space"
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _readable_link(fd)]
+    assert not [h for h in held if ".staging-" in h or "memfd:migrated" in h], held
+
+
+def _readable_link(fd: str) -> bool:
+    try:
+        os.readlink(f"/proc/self/fd/{fd}")
+        return True
+    except OSError:
+        return False
