@@ -55,6 +55,18 @@ def storage_error(exc: OSError, what: str) -> StoreError:
     return StoreError(f"{what}: {reason}")
 
 
+def memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise RecordError(
@@ -247,6 +259,8 @@ class Staging:
             f = self.blocks.pop(bid)
             f.close()
             f.path.unlink(missing_ok=True)
+        if self.memory:
+            self._check_memory(blocks)
         created: set[str] = set()
         for b in blocks:
             kept = self.blocks.get(b.id)
@@ -267,6 +281,21 @@ class Staging:
         ]
         self.applier.set_blocks(targets)
         return targets
+
+    def _check_memory(self, blocks) -> None:
+        """Refuse a block list whose new memory would not fit in what the
+        machine has available (the kernel would answer with its OOM killer)."""
+        more = sum(max(0, page_count(b.length, b.page_size) * b.page_size - self._held(b.id)) for b in blocks)
+        available = memory_available()
+        if more and available is not None and more > available:
+            raise NoSpace(
+                f"cannot hold image {self.name!r} in memory (--stage-in-memory): its blocks need {more} more "
+                f"bytes and {available} are available; receive it to disk, or free memory"
+            )
+
+    def _held(self, bid: str) -> int:
+        f = self.blocks.get(bid)
+        return f.alloc if f is not None else 0
 
     def end_of_fresh_blocks(self) -> None:
         """The pass that sent the new blocks whole has ended: from now on

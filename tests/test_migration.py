@@ -1029,3 +1029,27 @@ def _readable_link(fd: str) -> bool:
         return True
     except OSError:
         return False
+
+
+async def test_an_image_that_does_not_fit_in_memory_is_refused_before_any_page(tmp_path, monkeypatch):
+    """--stage-in-memory with less memory available than the image needs: a
+    clear no-space error naming memory, before anything is allocated."""
+    from migrated import store
+
+    monkeypatch.setattr(store, "memory_available", lambda: 1 * MiB)
+    path = tmp_path / "src.img"
+    make_image(path, 4 * MiB)
+    images = tmp_path / "images"
+    async with running_receiver(images, stage_in_memory=True) as rx:
+        with pytest.raises(PeerError) as info:
+            await migrate(rx.port, FileSource(str(path)))
+        await failure_seen(rx)
+    assert info.value.code == "no-space" and "in memory" in str(info.value) and "available" in str(info.value)
+    assert staging_left(images) == []
+
+
+def test_memory_available_reads_meminfo():
+    from migrated.store import memory_available
+
+    available = memory_available()
+    assert available is not None and available > 0
