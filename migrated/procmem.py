@@ -215,7 +215,9 @@ class ProcessSource(Source):
         self._zero: dict[str, array] = {}  # pages known to be zero (not read)
         self._dirty: dict[str, array] = {}  # pages written since the last refresh, where the kernel says
         self._rearmed: dict[str, array] = {}  # pages ``rearm`` found written since the last refresh
-        self._lost: set[str] = set()  # blocks whose writes ``rearm`` lost track of: read whole next
+        # blocks whose writes since the last refresh are unknown (registered
+        # just now, or a rearm found the range changed): hash-scanned next
+        self._lost: set[str] = set()
         self._chunks: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hash-scan buffers, one per thread
 
     # -- set-up ----------------------------------------------------------

@@ -17,6 +17,7 @@ import mmap
 import os
 import signal
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,6 @@ from migrated.pages import page_count, scan
 from migrated.records import BlockInfo
 
 if TYPE_CHECKING:
-    from array import array
-
     from migrated.filetrack import WriterTracker
 
 log = structlog.get_logger("migrated.source")
@@ -227,7 +226,7 @@ class FileSource(Source):
         except RangeChanged as exc:  # the writer remapped the file meanwhile: the next pass scans
             log.info("lose_track", path=str(self.path), reason=str(exc))
             self._lost = True
-            return _no_pages()
+            return array("Q")
 
     def info(self) -> dict:
         return {"dirty_tracking": self.tracking}
@@ -249,12 +248,6 @@ class FileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _no_pages() -> array:
-    from array import array
-
-    return array("Q")
 
 
 def process_state(pid: int, tid: int | None = None) -> str | None:
