@@ -68,8 +68,13 @@ def _receive(args: argparse.Namespace) -> int:
                 idle_timeout=args.idle_timeout,
                 shutdown_grace=args.shutdown_grace,
                 stage_in_memory=args.stage_in_memory,
+                handshake_timeout=args.handshake_timeout,
+                send_timeout=args.send_timeout,
+                max_connections=args.max_connections,
+                max_migrations=args.max_migrations,
             )
         )
+        receiver.store.lock()  # here, for a clear message: serve() keeps it
     except StoreError as exc:
         print(f"migrated: receive failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -272,6 +277,17 @@ manifest.json and one file per block). SIGTERM stops accepting and gives
 running migrations --shutdown-grace to finish; a second signal aborts them."""
 
 
+def _count_arg(text: str) -> int:
+    """A whole number of at least 1, for argparse."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
 def _log_args(p: argparse.ArgumentParser) -> None:
     from migrated.log import FORMATS
 
@@ -416,6 +432,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, time running migrations get to finish (default 30s)",
     )
     r.add_argument(
+        "--handshake-timeout",
+        type=duration_arg,
+        default=10.0,
+        metavar="DURATION",
+        help="fail a connection whose HELLO has not arrived this long after it was accepted (default 10s)",
+    )
+    r.add_argument(
+        "--send-timeout",
+        type=duration_arg,
+        default=30.0,
+        metavar="DURATION",
+        help="fail a migration whose sender does not take an answer sent to it for this long (default 30s)",
+    )
+    r.add_argument(
+        "--max-connections",
+        type=_count_arg,
+        default=64,
+        metavar="N",
+        help="connections open at once; more are refused with 'limit' (default 64)",
+    )
+    r.add_argument(
+        "--max-migrations",
+        type=_count_arg,
+        default=8,
+        metavar="N",
+        help="migrations past their handshake at once; more are refused with 'limit' (default 8)",
+    )
+    r.add_argument(
         "--stage-in-memory",
         action="store_true",
         help="hold each image being received in memory (one memfd per block) and write it to --dir in one "
@@ -435,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure XBZRLE encode/decode, batch encode (cache + framing), batch apply and the dirty "
             "scan against memcmp/memcpy, then end-to-end loopback migration against a raw socket copy, "
-            "then live processes of 256 MiB and 1 GiB migrated by pid with userfaultfd tracking and with "
-            "the scan (MIGRATED_BENCH_SIZES=256,1024,4096 for more), "
+            "then a writer of 256 MiB and 1 GiB migrated as a process by pid and as a file image in "
+            "/dev/shm, with userfaultfd tracking and with the scan (MIGRATED_BENCH_SIZES=256,1024,4096,8192 "
+            "for more), "
             "then the original XBZRLE experiment at several bandwidths."
         ),
     )

@@ -35,11 +35,13 @@ CODES: dict[str, str] = {
     "freeze": "the source process could not be frozen for the final pass",
     "idle-timeout": "the peer sent nothing for longer than the idle timeout",
     "internal": "a bug in migrated (the message has the detail)",
+    "limit": "a limit of the receiver was reached (connections, migrations at once); retry later or raise it",
     "network": "connecting, sending or waiting for the receiver failed",
     "no-space": "the receiver's image directory is out of space or quota",
     "process-exited": "the source process exited during the migration",
     "protocol": "a control message is malformed or arrives in the wrong state",
     "shutdown": "the receiver is shutting down",
+    "timeout": "the peer did not finish its handshake, or did not read what was sent to it, in time",
     "source": "the source cannot be read (missing, no permission, shrank while read)",
     "store": "the receiver cannot write its image directory",
     "version": "the peer speaks another protocol version",
@@ -108,6 +110,18 @@ class NoSpace(StoreError):
 
 class Busy(LocalError):
     code = "busy"
+
+
+class LimitReached(LocalError):
+    """A resource bound of the receiver (``--max-connections``, ``--max-migrations``)."""
+
+    code = "limit"
+
+
+class PeerTimeout(NetworkError):
+    """The peer did not finish its handshake, or read nothing, in time."""
+
+    code = "timeout"
 
 
 class DigestMismatch(LocalError):

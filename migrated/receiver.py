@@ -18,11 +18,14 @@ from migrated.errors import (
     Busy,
     DigestMismatch,
     IdleTimeout,
+    LimitReached,
     MigrationError,
     PeerError,
     PeerGone,
+    PeerTimeout,
     first_migration_error,
 )
+from migrated.log import MAX_PEER_TEXT, clip
 from migrated.protocol import (
     CAP_VERIFIED,
     CAP_XBZRLE,
@@ -48,6 +51,7 @@ from migrated.units import ms
 log = structlog.get_logger("migrated.receiver")
 
 RECEIVE_CHUNK = 4 << 20
+HANDSHAKE_CHUNK = 16 << 10  # the buffers of a connection until its HELLO is accepted
 READ_AHEAD_CHUNKS = 2  # received chunks waiting while one is applied
 RING_BUFFERS = READ_AHEAD_CHUNKS + 3  # + the one applied, the one being received, a spare
 # apply in a worker thread above this much buffered data: a hand-off to a
@@ -64,6 +68,10 @@ class ReceiverConfig:
     shutdown_grace: float = 30.0
     # hold each image being received in memory, written to the directory at the commit
     stage_in_memory: bool = False
+    handshake_timeout: float = 10.0  # from accepting a connection to its HELLO accepted
+    send_timeout: float = 30.0  # for the sender to take each thing sent to it (an ACK, COMMITTED)
+    max_connections: int = 64  # connections open at once; more are refused with ``limit``
+    max_migrations: int = 8  # migrations past their HELLO at once; more are refused with ``limit``
 
 
 class Receiver:
@@ -76,6 +84,7 @@ class Receiver:
         self.config = config
         self.store = ImageStore(config.directory)
         self.busy: set[str] = set()
+        self.connections = 0  # open now
         self.completed = 0
         self.failed = 0
         self.stopping = False
@@ -83,7 +92,15 @@ class Receiver:
         self._migrations: trio.Nursery | None = None
 
     async def serve(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve migrations on ``listeners`` until ``shutdown()``."""
+        """Serve migrations on ``listeners`` until ``shutdown()``, holding the
+        image directory's lock (StoreError if another receiver holds it)."""
+        self.store.lock()
+        try:
+            await self._serve(listeners, task_status)
+        finally:
+            self.store.unlock()
+
+    async def _serve(self, listeners, task_status) -> None:
         removed = self.store.clean_stale()
         if removed:
             log.info("remove_stale_staging", entries=removed)
@@ -125,6 +142,7 @@ class Receiver:
             log.warning("tidy_image", error=str(exc))
 
     async def _on_connection(self, stream: trio.abc.Stream) -> None:
+        _keepalive(stream)
         await self.handle(stream, _name(stream, "getpeername"))
 
     async def handle(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -133,8 +151,13 @@ class Receiver:
         structlog.contextvars.bind_contextvars(peer=peer)
         conn = Connection(Role.RECEIVER)
         session = _Session(self, stream, conn)
+        self.connections += 1
         async with stream:
             try:
+                if self.connections > self.config.max_connections:
+                    raise LimitReached(
+                        f"the receiver has {self.config.max_connections} connections open, its --max-connections"
+                    )
                 await session.run()
             except trio.Cancelled:
                 self.failed += 1
@@ -160,6 +183,7 @@ class Receiver:
                 log.error("fail_migration", code="internal", error=repr(errors))
                 await session.fail(Failure("internal", f"receiver internal error: {errors!r}"))
             finally:
+                self.connections -= 1
                 session.release()
                 structlog.contextvars.unbind_contextvars("peer", "migration")
 
@@ -196,7 +220,14 @@ class _Session:
         return {"received_bytes": self.conn.received_bytes, "passes": self.passes, **applied}
 
     async def send(self, event) -> None:
-        await self.stream.send_all(self.conn.send(event))
+        """Send ``event``; a sender that does not take it within
+        ``send_timeout`` (its receive window full: it reads nothing) fails
+        the migration rather than hold it."""
+        data = self.conn.send(event)
+        with trio.move_on_after(self.config.send_timeout) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise PeerTimeout(f"the sender did not take what was sent to it within {self.config.send_timeout:g} s")
 
     async def read_stream(self, chunks: trio.MemorySendChannel) -> None:
         """Receive from the sender while earlier chunks are being applied;
@@ -209,9 +240,13 @@ class _Session:
         """
         # the channel is not closed on an error: the applying side must see
         # the error (through the nursery), not an end of data
-        ring = [memoryview(bytearray(RECEIVE_CHUNK)) for _ in range(RING_BUFFERS)]
+        # small until the HELLO is accepted: an idle or hostile connection
+        # costs kilobytes; the ring is made once a migration is under way
+        ring = [memoryview(bytearray(HANDSHAKE_CHUNK)) for _ in range(RING_BUFFERS)]
         turn = 0
         while True:
+            if len(ring[0]) < RECEIVE_CHUNK and self.name is not None:
+                ring = [memoryview(bytearray(RECEIVE_CHUNK)) for _ in range(RING_BUFFERS)]
             buf = ring[turn % RING_BUFFERS]
             turn += 1
             with trio.move_on_after(self.config.idle_timeout) as idle:
@@ -249,14 +284,22 @@ class _Session:
         with first_migration_error():
             async with trio.open_nursery() as background:
                 background.start_soon(self.read_stream, send_chunks)
-                hello = await self.next_event(chunks)
+                with trio.move_on_after(self.config.handshake_timeout) as handshake:
+                    hello = await self.next_event(chunks)
+                if handshake.cancelled_caught:
+                    raise PeerTimeout(f"no HELLO from the sender within {self.config.handshake_timeout:g} s")
                 assert isinstance(hello, Hello)  # the state table admits nothing else first
                 self.hello(hello)
                 caps = negotiate(
                     hello.capabilities, (CAP_VERIFIED, CAP_XBZRLE) if self.config.xbzrle else (CAP_VERIFIED,)
                 )
                 await self.send(Welcome(caps))
-                log.info("accept_migration", source=hello.source, page_size=hello.page_size, capabilities=list(caps))
+                log.info(
+                    "accept_migration",
+                    source=clip(hello.source, MAX_PEER_TEXT),
+                    page_size=hello.page_size,
+                    capabilities=list(caps),
+                )
                 await self.receive_passes(background, chunks)
                 background.cancel_scope.cancel()
 
@@ -314,6 +357,10 @@ class _Session:
         structlog.contextvars.bind_contextvars(migration=name)
         if name in self.receiver.busy:
             raise Busy(f"a migration to image {name!r} is already in progress on this receiver")
+        if len(self.receiver.busy) >= self.config.max_migrations:
+            raise LimitReached(
+                f"the receiver runs {len(self.receiver.busy)} migrations, its --max-migrations; retry later"
+            )
         self.staging = self.receiver.store.begin(
             name, hello.page_size, hello.source, memory=self.config.stage_in_memory
         )
@@ -354,8 +401,11 @@ class _Session:
                     "sync": ms(staging.sync_seconds),
                     "swap": ms(staging.swap_seconds),
                 }
-                with trio.move_on_after(self.config.idle_timeout):
+                try:
                     await self.send(Committed(digest, str(path), timings))
+                except (PeerTimeout, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    # committed all the same: the sender will say it did not hear so
+                    log.warning("send_committed", error=str(exc) or type(exc).__name__)
         log.info(
             "commit_image",
             path=str(path),
@@ -382,6 +432,31 @@ class _Session:
         if self.name is not None:
             self.receiver.busy.discard(self.name)
             self.name = None
+
+
+KEEPALIVE_IDLE = 15  # seconds of silence before TCP probes a peer
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 4
+USER_TIMEOUT_MS = 60_000  # data sent and not acknowledged this long: the peer is gone
+
+
+def _keepalive(stream) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT on an accepted socket, so that a
+    peer that vanished (a host gone, a cable pulled) is found out rather
+    than waited for."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return
+    import socket
+
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    except (OSError, AttributeError):  # not TCP, or an option this platform lacks
+        pass
 
 
 def _name(sock_owner, which: str) -> str:

@@ -288,8 +288,9 @@ def parse_record(buf, offset: int) -> ParsedRecord | None:
             return None
         try:
             payload = json.loads(bytes(mv[_CONTROL.size : end]))
-        except ValueError as exc:
-            raise LocalProtocolError(f"control record at stream offset {offset} is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+            why = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
+            raise LocalProtocolError(f"control record at stream offset {offset} is {why}") from None
         if not isinstance(payload, dict):
             raise LocalProtocolError(f"control record at stream offset {offset} is not a JSON object")
         return ParsedRecord(Flag.CONTROL, end, control=kind, payload=payload)
@@ -324,8 +325,10 @@ def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
         try:
             bid = raw_id.decode()
             info = json.loads(bytes(mv[pos : pos + infolen])) if infolen else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RecordError(f"block list at stream offset {offset}: block id or info is not valid", offset) from None
+        if not isinstance(info, dict):
+            raise RecordError(f"block list at stream offset {offset}: block info is not a JSON object", offset)
         _check_block(bid, length, page_size, offset)
         pos += infolen
         blocks.append(BlockInfo(bid, length, page_size, info))

@@ -95,6 +95,8 @@ def summary(s: Sender) -> dict[str, Any]:
         "dirty_tracking": s.source.tracking,
         "source_info": s.source.info(),
         "sender_peak_rss_bytes": peak_rss(),
+        # without a file source's mapped pages (page cache): sampled after every pass
+        "sender_peak_private_bytes": max(s.private_peak, private_rss()),
     }
     if s.error:
         out["error"] = s.error
@@ -113,6 +115,18 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def private_rss() -> int:
+    """This process's resident anonymous memory in bytes (RssAnon: its own
+    buffers, cache and heap, not the page cache of a file it maps), 0 where
+    it cannot be read."""
+    try:
+        with open("/proc/self/status") as fh:
+            found = re.search(r"^RssAnon:\s+(\d+) kB", fh.read(), re.M)
+    except OSError:
+        return 0
+    return int(found.group(1)) * 1024 if found else 0
 
 
 def format_summary(s: dict[str, Any]) -> str:

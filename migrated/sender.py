@@ -55,7 +55,7 @@ from migrated.protocol import (
     Welcome,
 )
 from migrated.records import BatchStats, BlockInfo, encode_batch
-from migrated.report import Status, summary
+from migrated.report import Status, private_rss, summary
 from migrated.source import Block, Source
 from migrated.streams import send_last_gasp, send_some, sends_exactly
 from migrated.throttle import Throttle
@@ -210,6 +210,7 @@ class Sender:
         self.throttle: Throttle | None = None  # made once there is something to throttle
         self.layout = _Layout()
         self.passes: list[PassReport] = []
+        self.private_peak = 0  # the largest private (anonymous) memory seen at the end of a pass
         self.scan_seconds: list[float] = []  # finding the pages dirty after each pass (the final one's included)
         self.rearm_seconds: list[float] = []  # rearming spans during each pass (Source.rearm), in all
         self.expected_downtime = 0.0
@@ -569,6 +570,7 @@ class Sender:
         report = PassReport(pass_no, wire_bytes, seconds, xbzrle, stats, 0.0 if final else self.throttle_policy.level)
         self.rearm_seconds.append(self.source.rearm_seconds - rearmed_before)
         self.passes.append(report)
+        self.private_peak = max(self.private_peak, private_rss())
         return report
 
     async def _final_pass(self, stream, pass_no: int, pending) -> None:

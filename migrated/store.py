@@ -23,6 +23,7 @@ SIGBUS.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import json
 import mmap
@@ -43,8 +44,12 @@ from migrated.records import Applier, BlockInfo, BlockTarget
 
 log = structlog.get_logger("migrated.store")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_IN_NAMES = (".staging-", ".link-tmp")  # the store's own entries are named with these
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+# the store's own entries, ``.NAME`` then one of these; nothing else is ever deleted
+_OWN = re.compile(r"\.(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(?P<kind>\.v\d+|\.staging-[0-9a-f]{1,32}|\.link-tmp)")
 
 
 def storage_error(exc: OSError, what: str) -> StoreError:
@@ -68,12 +73,27 @@ def memory_available() -> int | None:
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name) or any(word in name for word in RESERVED_IN_NAMES):
         raise RecordError(
-            f"image name {name!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit",
+            f"image name {name[:160]!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, without '.staging-' or '.link-tmp'",
             0,
         )
+
+
+def own_entry(entry: str, kind: str, name: str | None = None) -> bool:
+    """Whether ``entry`` (a name in the directory) is one the store makes:
+    ``kind`` ``v`` (a committed version), ``staging`` or ``link``, of image
+    ``name`` (any valid name by default)."""
+    found = _OWN.fullmatch(entry)
+    if found is None or (name is not None and found["name"] != name):
+        return False
+    return found["kind"].startswith({"v": ".v", "staging": ".staging-", "link": ".link-tmp"}[kind])
+
+
+def _real_dir(path: Path) -> bool:
+    """A directory itself, not a symlink to one."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,27 +114,55 @@ class ImageStore:
             probe.unlink()
         except OSError as exc:
             raise StoreError(f"cannot write to image directory {self.root}: {exc.strerror}") from None
+        self._lock = -1
+
+    def lock(self) -> None:
+        """Hold the directory for this receiver (an flock on ``.lock``, which
+        says whose it is): a second receiver on it would delete this one's
+        staging as stale. Idempotent; ``unlock`` lets it go."""
+        if self._lock >= 0:
+            return
+        path = self.root / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise StoreError(f"image directory {self.root} is in use by another receiver{who}") from None
+            raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def clean_stale(self) -> list[str]:
-        """Remove staging left by a crash and versions no name points to."""
+        """Remove staging left by a crash and versions no name points to:
+        only entries the store names so (``own_entry``), and a symlink only
+        where the store's own temporary link was."""
         live = set()
         for entry in self.root.iterdir():
-            if entry.is_symlink() and not entry.name.startswith("."):
+            if entry.is_symlink() and NAME_RE.fullmatch(entry.name):
                 live.add(os.readlink(entry))
         removed = []
         for entry in self.root.iterdir():
             n = entry.name
-            stale = (
-                ".staging-" in n
-                or n.endswith(".link-tmp")
-                or (n.startswith(".") and ".v" in n and entry.is_dir() and not entry.is_symlink() and n not in live)
-            )
-            if stale and n.startswith("."):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(n)
+            if own_entry(n, "link"):
+                entry.unlink(missing_ok=True)
+            elif (own_entry(n, "staging") or (own_entry(n, "v") and n not in live)) and _real_dir(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                continue
+            removed.append(n)
         return removed
 
     def begin(self, name: str, page_size: int, source: str = "", memory: bool = False) -> Staging:
@@ -335,7 +383,14 @@ class Staging:
             os.ftruncate(f.fd, f.info.length)
             os.fsync(f.fd)  # covers pages written through the mapping too
             blocks.append(
-                {"id": bid, "length": f.info.length, "page_size": f.info.page_size, "file": f.path.name, **f.info.info}
+                # what the sender says of the block stays under its own key
+                {
+                    "id": bid,
+                    "length": f.info.length,
+                    "page_size": f.info.page_size,
+                    "file": f.path.name,
+                    "info": f.info.info,
+                }
             )
         manifest = {
             "name": self.name,
@@ -378,7 +433,9 @@ class Staging:
         self.swap_seconds = time.monotonic() - synced
         self.dir = root / version
         self.blocks.clear()
-        self._replaced = root / previous if previous and previous != version and "/" not in previous else None
+        # only a version of this image the store made, never what a planted link names
+        replaced = root / previous if previous and previous != version and own_entry(previous, "v", self.name) else None
+        self._replaced = replaced if replaced is not None and _real_dir(replaced) else None
         return link
 
     def tidy(self) -> None:
@@ -394,7 +451,7 @@ class Staging:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-        if self._replaced is not None:
+        if self._replaced is not None and _real_dir(self._replaced):
             shutil.rmtree(self._replaced, ignore_errors=True)
             self._replaced = None
 
@@ -403,5 +460,5 @@ class Staging:
         for f in self.blocks.values():
             f.close()
         self.blocks.clear()
-        if ".staging-" in self.dir.name:
+        if own_entry(self.dir.name, "staging", self.name) and _real_dir(self.dir):
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -255,6 +255,19 @@ def test_port_in_use_and_unwritable_dir(tmp_path, receiver):
     assert r.returncode == 1 and "cannot write to image directory" in r.stderr
 
 
+def test_a_second_receiver_on_the_same_directory_refuses_to_start(tmp_path, receiver):
+    """It would delete the first one's staging as stale: it exits 1 naming the first."""
+    r = subprocess.run(
+        [*CLI, "receive", "--listen", "127.0.0.1:0", "--dir", str(receiver.dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1, r.stderr
+    assert f"is in use by another receiver (pid {receiver.proc.pid})" in r.stderr
+    assert receiver.proc.poll() is None
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

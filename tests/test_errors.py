@@ -65,3 +65,25 @@ def test_docs_mirror_the_table_of_codes():
             code, meaning = (cell.strip() for cell in line.strip("|").split("|"))
             rows[code.strip("`")] = meaning
     assert rows == errors.CODES
+
+
+def test_logged_fields_are_clipped_so_a_peer_cannot_flood_the_log():
+    import io
+    import json
+
+    import structlog
+
+    from migrated import log as logsetup
+
+    out = io.StringIO()
+    saved = structlog.get_config()
+    logsetup.configure("json", "info", stream=out)
+    try:
+        structlog.get_logger("t").info("accept_migration", source="x" * 100_000, capabilities=["c" * 300] * 1000)
+    finally:
+        structlog.configure(**saved)
+    line = out.getvalue()
+    assert len(line) < 40_000
+    fields = json.loads(line)
+    assert fields["source"].startswith("x" * 1024) and fields["source"].endswith("(+98976 characters)")
+    assert len(fields["capabilities"]) == 33 and fields["capabilities"][-1] == "… (+968 items)"

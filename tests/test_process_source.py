@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from array import array
 from pathlib import Path
 
@@ -121,7 +122,7 @@ async def test_image_equals_the_frozen_process_block_by_block(tmp_path, child, t
     for block in m["blocks"]:
         image = (images / "proc" / block["file"]).read_bytes()
         assert len(image) == block["length"]
-        assert image == child.read(block["start"], block["length"]), block["id"]
+        assert image == child.read(block["info"]["start"], block["length"]), block["id"]
 
 
 class _SwappingSource(ProcessSource):
@@ -164,9 +165,9 @@ async def test_mappings_created_and_removed_mid_migration(tmp_path, child, track
         """The image's bytes at a child address (the kernel may have merged
         a mapping with its neighbour into one block)."""
         for blk in blocks:
-            if blk["start"] <= addr and addr + n <= blk["start"] + blk["length"]:
+            if blk["info"]["start"] <= addr and addr + n <= blk["info"]["start"] + blk["length"]:
                 with open(images / "maps" / blk["file"], "rb") as fh:
-                    fh.seek(addr - blk["start"])
+                    fh.seek(addr - blk["info"]["start"])
                     return fh.read(n)
         return None
 
@@ -307,7 +308,7 @@ async def test_a_block_the_target_tracks_itself_falls_back_to_the_scan(tmp_path,
     fell_back = [e for e in logs if e["event"] == "track_by_scan"]
     assert len(fell_back) == 1 and "another userfaultfd" in fell_back[0]["reason"]
     for block in manifest(images, "mixed")["blocks"]:
-        if block["start"] == child.a:
+        if block["info"]["start"] == child.a:
             assert (images / "mixed" / block["file"]).read_bytes() == b"\xa1" * block["length"]
 
 
@@ -429,9 +430,9 @@ def test_experiment_converges_with_xbzrle(receiver, python):
         assert s["converged"] and s["downtime_ms"] is not None
         assert state(gen.pid) == "T"
         m = manifest(receiver.dir, "exp")
-        block = next(b for b in m["blocks"] if b["start"] <= gen.buf < b["start"] + b["length"])
+        block = next(b for b in m["blocks"] if b["info"]["start"] <= gen.buf < b["info"]["start"] + b["length"])
         image = (receiver.dir / "exp" / block["file"]).read_bytes()
-        off = gen.buf - block["start"]
+        off = gen.buf - block["info"]["start"]
         assert image[off : off + gen.size] == gen.buffer()  # the stopped process's buffer, byte for byte
     finally:
         gen.kill()
@@ -591,7 +592,7 @@ async def test_pread_fallback_reads_what_process_vm_readv_cannot(tmp_path, child
     assert summary["status"] == "completed" and fake.short > 0
     for block in manifest(images, "fallback")["blocks"]:
         image = (images / "fallback" / block["file"]).read_bytes()
-        assert image == child.read(block["start"], block["length"]), block["id"]
+        assert image == child.read(block["info"]["start"], block["length"]), block["id"]
 
 
 def test_a_heap_in_two_mappings_is_two_blocks():
@@ -624,6 +625,7 @@ def test_sender_memory_stays_bounded_for_a_process_larger_than_its_cache(receive
         assert summary["status"] == "completed" and summary["source_info"]["dirty_tracking"] == tracking
         peak = summary["sender_peak_rss_bytes"]
         assert peak < 16 * MiB + 128 * MiB, f"sender peak RSS {peak / MiB:.0f} MiB for a {size // MiB} MiB process"
+        assert 0 < summary["sender_peak_private_bytes"] <= peak
         assert state(child.pid) in ("R", "S")  # resumed
     finally:
         child.kill()
@@ -655,7 +657,7 @@ async def _stale_pages_after_migrating_churn(tmp_path, churn_exe, tracking: str,
         for block in manifest(images, "churn")["blocks"]:
             image = (images / "churn" / block["file"]).read_bytes()
             with open(f"/proc/{proc.pid}/mem", "rb", buffering=0) as mem:  # noqa: ASYNC230 -- it is stopped
-                mem.seek(block["start"])
+                mem.seek(block["info"]["start"])
                 live = mem.read(block["length"])
             if image != live:
                 bad[block["id"]] = sum(image[i : i + PAGE] != live[i : i + PAGE] for i in range(0, len(image), PAGE))
@@ -684,3 +686,24 @@ async def test_a_process_writing_at_full_speed_loses_no_write_in_many_migrations
     for run in range(12):
         bad = await _stale_pages_after_migrating_churn(tmp_path, churn_exe, "uffd", 0, "0")
         assert not bad, f"run {run}: pages older than the stopped process, per block: {bad}"
+
+
+def test_the_memory_writer_writes_a_shared_file_and_reports_its_cpu_per_round(tmp_path):
+    """The benchmarks' writer in its file mode: the file it maps shared gets
+    its writes, and SIGUSR1 reports the rounds and the CPU they took."""
+    image = tmp_path / "image"
+    child = memwriter.start(4 * MiB, str(image))
+    try:
+        first = child.cpu()
+        time.sleep(0.35)
+        rounds, seconds = child.cpu()
+        assert image.stat().st_size == 4 * MiB
+        assert rounds >= first[0] + 2 and seconds > first[1]
+        data = image.read_bytes()
+        # page 0 is written in round 0, so its 4 bytes hold a round number
+        assert data[:8] == (0).to_bytes(8, "little") and data[(1 << 20) : (1 << 20) + 8] == (1 << 20).to_bytes(
+            8, "little"
+        )
+        assert int.from_bytes(data[64:68], "little") % 100 == 0
+    finally:
+        child.kill()

@@ -6,11 +6,13 @@ the same run, and the XBZRLE experiment on a live process.
   against a plain socket copy of the same file between the same kind of
   processes; and the wire bytes of a pass in which 4096 pages have 4 bytes
   changed each.
-- ``run_scaling``: live processes of 256 MiB and 1 GiB (more with
-  ``sizes``) writing 4 bytes into 1% of their pages every 100 ms, migrated
-  by pid with userfaultfd tracking and with the hash scan: passes,
-  convergence, downtime and its parts, wire bytes per byte of memory, the
-  cost of finding dirty pages per pass, sender CPU and peak memory.
+- ``run_scaling``: a writer of 256 MiB and 1 GiB (more with ``sizes``)
+  writing 4 bytes into 1% of its pages every 100 ms, migrated as a process
+  by pid and as a file image in /dev/shm with it as the paused writer, each
+  with userfaultfd tracking and with the hash scan: passes, convergence,
+  downtime and its parts, wire bytes per byte of memory, the cost of
+  finding dirty pages per pass, sender CPU and private memory, and the
+  writer's CPU per round of writes against the same writer alone.
 - ``run_experiment``: the original XBZRLE test workload (16 MiB, one byte in
   every KiB incremented in an endless loop) migrated by pid at several
   bandwidths with and without XBZRLE, and the load generator's slowdown
@@ -234,55 +236,83 @@ def format_e2e(r: dict) -> str:
 SCALING_SIZES_MIB = (256, 1024)
 TRACKING_COST_TARGET = 20  # the scan's cost per pass over uffd's, at least
 DOWNTIME_CRIU_MS = {256: 130, 1024: 409}  # CRIU 4.2's stop-and-copy freeze of the same process here
+PRIVATE_TARGET_MIB = 256  # the sender's private memory over its cache, at most
+SHM = Path("/dev/shm")
+ALONE_SECONDS = 2.0  # the writer's cost per round of writes, measured before each migration
 
 
-def run_scaling(sizes=SCALING_SIZES_MIB, trackings=("uffd", "scan"), progress=None) -> dict:
-    """Migrate live processes (migrated._tools.memwriter) by pid through
-    the CLI, once per size and tracking; each run is fresh, the image removed."""
+def run_scaling(sizes=SCALING_SIZES_MIB, trackings=("uffd", "scan"), kinds=("process", "file"), progress=None) -> dict:
+    """Migrate the memory writer (migrated._tools.memwriter) through the CLI,
+    once per kind, size and tracking; each run is fresh, the image removed.
+    ``process``: its anonymous memory by pid. ``file``: a file in /dev/shm it
+    maps shared, with it as the --pause-pid writer (uffd: its mappings are
+    tracked)."""
     from migrated._tools import memwriter
 
     note = progress or (lambda msg: None)
     rows = []
+    skipped = []
+    if "file" in kinds and not (SHM.is_dir() and os.access(SHM, os.W_OK)):
+        skipped.append(f"file images: {SHM} is not a writable directory here")
+        kinds = tuple(k for k in kinds if k != "file")
     with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmpdir:
         tmp = Path(tmpdir)
         receiver = ReceiverProcess(tmp / "images", tmp / "receiver.log")
         try:
-            for size_mib in sizes:
-                for tracking in trackings:
-                    child = memwriter.start(size_mib * MiB)
-                    try:
-                        row = _scaling_run(receiver, child.pid, size_mib, tracking, tmp)
-                    finally:
-                        child.kill()
-                        child.wait()
-                    _remove_image(receiver.dir / row["name"])
-                    rows.append(row)
-                    note(
-                        f"scaling: {size_mib} MiB {tracking}: {row['passes']} passes, "
-                        f"converged {row['converged']}, downtime {row['downtime_ms']} ms"
-                    )
+            for kind in kinds:
+                for size_mib in sizes:
+                    for tracking in trackings:
+                        image = SHM / f"migrated-bench-{os.getpid()}.img" if kind == "file" else None
+                        child = memwriter.start(size_mib * MiB, str(image) if image else None)
+                        try:
+                            row = _scaling_run(receiver, child, kind, image, size_mib, tracking, tmp)
+                        finally:
+                            child.kill()
+                            if image:
+                                image.unlink(missing_ok=True)
+                        _remove_image(receiver.dir / row["name"])
+                        rows.append(row)
+                        note(
+                            f"scaling: {kind} {size_mib} MiB {tracking}: {row['passes']} passes, "
+                            f"converged {row['converged']}, downtime {row['downtime_ms']} ms, "
+                            f"writer x{row['writer_cpu_ratio']:.2f} CPU per round"
+                        )
         finally:
             receiver.stop()
-    return {"rows": rows, "tracking_cost_target": TRACKING_COST_TARGET, "criu_ms": DOWNTIME_CRIU_MS}
+    return {
+        "rows": rows,
+        "skipped": skipped,
+        "tracking_cost_target": TRACKING_COST_TARGET,
+        "criu_ms": DOWNTIME_CRIU_MS,
+    }
 
 
-def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: str, tmp: Path, *extra: str) -> dict:
-    name = f"scale{size_mib}{tracking}"
-    args = ["--source", f"pid:{pid}", "--to", receiver.address, "--name", name, "--json"]
-    args += ["--dirty-tracking", tracking, "--after", "resume", *extra]
+def _scaling_run(receiver: ReceiverProcess, child, kind: str, image, size_mib: int, tracking: str, tmp: Path) -> dict:
+    name = f"scale-{kind}{size_mib}{tracking}"
+    source = ["--source", f"file:{image}", "--pause-pid", str(child.pid)] if image else ["--source", f"pid:{child.pid}"]
+    args = [*source, "--to", receiver.address, "--name", name, "--json", "--dirty-tracking", tracking]
+    if not image:
+        args += ["--after", "resume"]
+    rounds0, cpu0 = child.cpu()
+    time.sleep(ALONE_SECONDS)
+    rounds1, cpu1 = child.cpu()
     with open(tmp / "send.out", "w+") as out, open(tmp / "send.err", "w") as err:
         sender = subprocess.Popen([*CLI, "send", *args], stdout=out, stderr=err)
         _, status, usage = os.wait4(sender.pid, 0)
         out.seek(0)
         text = out.read()
+    rounds2, cpu2 = child.cpu()
     if os.waitstatus_to_exitcode(status) not in (0, 1) or not text:
         raise RuntimeError(f"migrated send exited {os.waitstatus_to_exitcode(status)}: see {tmp / 'send.err'}")
     s = json.loads(text)
     passes = s["passes"]
     # between pre-copy passes: finding the dirty pages, and rearming them while the pass ran
     scans = [p["scan_ms"] + (p["rearm_ms"] or 0) for p in passes[1:-1] if p["scan_ms"] is not None]
+    alone = (cpu1 - cpu0) / max(1, rounds1 - rounds0)
+    during = (cpu2 - cpu1) / max(1, rounds2 - rounds1)
     return {
         "name": name,
+        "kind": kind,
         "size_mib": size_mib,
         "tracking": s["dirty_tracking"],
         "status": s["status"],
@@ -295,39 +325,58 @@ def _scaling_run(receiver: ReceiverProcess, pid: int, size_mib: int, tracking: s
         "tracking_ms_per_pass": statistics.median(scans) if scans else None,
         "sender_cpu_s": usage.ru_utime + usage.ru_stime,
         "sender_peak_mib": s["sender_peak_rss_bytes"] / MiB,
+        "sender_private_mib": s["sender_peak_private_bytes"] / MiB,
+        "cache_mib": s["xbzrle"]["cache_size"] / MiB,
+        # the writer's CPU per round of writes while migrated, over alone
+        # (write-protect faults and the scan's competition for the cores)
+        "writer_ms_per_round": [round(alone * 1000, 3), round(during * 1000, 3)],
+        "writer_cpu_ratio": during / alone if alone > 0 else float("nan"),
     }
 
 
 def format_scaling(r: dict) -> str:
     lines = [
-        "live processes writing 4 bytes into 1% of their pages every 100 ms, migrated by pid (--after resume)",
-        f"{'size':>6} {'tracking':<8} {'passes':>6} {'conv':>5} {'total s':>8} {'downtime ms':>11} "
-        f"{'wire/size':>9} {'find dirty ms/pass':>18} {'CPU s':>6} {'peak MiB':>8}",
+        "the memory writer (4 bytes into 1% of its pages every 100 ms): a process migrated by pid (--after resume),",
+        "and a file in /dev/shm it maps shared, with it as the --pause-pid writer",
+        f"{'kind':<7} {'size':>6} {'tracking':<8} {'passes':>6} {'conv':>5} {'total s':>8} {'downtime ms':>11} "
+        f"{'wire/size':>9} {'find dirty ms/pass':>18} {'CPU s':>6} {'private MiB':>11} {'writer CPU/round':>16}",
     ]
-    by = {(row["size_mib"], row["tracking"]): row for row in r["rows"]}
+    by = {(row["kind"], row["size_mib"], row["tracking"]): row for row in r["rows"]}
     for row in r["rows"]:
         t = row["tracking_ms_per_pass"]
         lines.append(
-            f"{row['size_mib']:>4}Mi {row['tracking']:<8} {row['passes']:>6} {str(row['converged']):>5} "
-            f"{row['total_s']:>8.1f} {row['downtime_ms']:>11.0f} {row['wire_per_byte']:>9.2f} "
-            f"{t if t is not None else float('nan'):>18.1f} {row['sender_cpu_s']:>6.1f} {row['sender_peak_mib']:>8.0f}"
+            f"{row['kind']:<7} {row['size_mib']:>4}Mi {row['tracking']:<8} {row['passes']:>6} "
+            f"{str(row['converged']):>5} {row['total_s']:>8.1f} {row['downtime_ms']:>11.0f} "
+            f"{row['wire_per_byte']:>9.2f} {t if t is not None else float('nan'):>18.1f} "
+            f"{row['sender_cpu_s']:>6.1f} {row['sender_private_mib']:>11.0f} {row['writer_cpu_ratio']:>15.2f}x"
         )
-    for (size, tracking), row in by.items():
+    for (kind, size, tracking), row in by.items():
         criu = r["criu_ms"].get(size)
-        if tracking == "uffd" and criu:
+        if kind == "process" and tracking == "uffd" and criu:
             flag = "" if row["downtime_ms"] < criu else "  ABOVE TARGET"
             lines.append(
-                f"  {size} MiB uffd downtime {row['downtime_ms']:.0f} ms vs CRIU stop-and-copy {criu} ms{flag}"
+                f"  process {size} MiB uffd downtime {row['downtime_ms']:.0f} ms vs CRIU stop-and-copy {criu} ms{flag}"
             )
-        scan = by.get((size, "scan"))
+        scan = by.get((kind, size, "scan"))
         if tracking == "uffd" and scan and row["tracking_ms_per_pass"] and scan["tracking_ms_per_pass"]:
             ratio = scan["tracking_ms_per_pass"] / row["tracking_ms_per_pass"]
             flag = "" if ratio >= r["tracking_cost_target"] else "  BELOW TARGET"
             target = r["tracking_cost_target"]
-            lines.append(f"  {size} MiB finding dirty pages: scan / uffd = {ratio:.0f}x (target >= {target}){flag}")
+            lines.append(
+                f"  {kind} {size} MiB finding dirty pages: scan / uffd = {ratio:.0f}x (target >= {target}){flag}"
+            )
+    worst = max(r["rows"], key=lambda row: row["sender_private_mib"] - row["cache_mib"], default=None)
+    if worst is not None:
+        over = worst["sender_private_mib"] - worst["cache_mib"]
+        flag = "" if over <= PRIVATE_TARGET_MIB else "  ABOVE TARGET"
+        lines.append(
+            f"  sender private memory: at most {over:.0f} MiB over its cache ({worst['kind']} "
+            f"{worst['size_mib']} MiB {worst['tracking']}; target <= {PRIVATE_TARGET_MIB}){flag}"
+        )
     for row in r["rows"]:
         parts = ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in row["downtime_breakdown"].items())
-        lines.append(f"  {row['size_mib']} MiB {row['tracking']} downtime parts (ms): {parts}")
+        lines.append(f"  {row['kind']} {row['size_mib']} MiB {row['tracking']} downtime parts (ms): {parts}")
+    lines.extend(f"  skipped {why}" for why in r.get("skipped", ()))
     return "\n".join(lines)
 
 

@@ -1,0 +1,138 @@
+"""The image store against a directory someone else can write into: names,
+planted symlinks, foreign entries, a second receiver, peer-supplied block
+info; and the block-list and control parsers' answers to JSON that is valid
+framing but not what they take."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+from migrated.errors import LocalProtocolError, RecordError, StoreError
+from migrated.records import BlockInfo, Flag, parse_record
+from migrated.store import ImageStore, check_name, own_entry
+
+PS = 4096
+
+
+def commit(store: ImageStore, name: str, data: bytes, info: dict | None = None):
+    """Receive ``data`` as one block through the applier's target and commit."""
+    staging = store.begin(name, PS)
+    staging.set_blocks([BlockInfo("ram", len(data), PS, info or {})])
+    block = staging.blocks["ram"]
+    os.pwrite(block.fd, data, 0)
+    block.marks[:] = b"\x01" * len(block.marks)
+    link = staging.commit(staging.digest())
+    staging.tidy()
+    return link
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a\n", "a\nb", ".hidden", "-x", "a/b", "..", "a.staging-0123456789ab", "x.link-tmp", "é", "a" * 129],
+)
+def test_names_the_store_could_mistake_are_refused(name):
+    with pytest.raises(RecordError, match="not valid"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["vm1", "a", "vm-1.2_x", "A" * 128, "x.v12"])
+def test_ordinary_names_are_taken(name):
+    check_name(name)
+
+
+def test_the_store_recognises_only_its_own_entries():
+    assert own_entry(".vm1.v1733000000000000000", "v", "vm1")
+    assert own_entry(".x.v12.v99", "v", "x.v12")
+    assert not own_entry(".x.v12.v99", "v", "x")
+    assert own_entry(".vm1.staging-0123456789ab", "staging")
+    assert not own_entry(".vm1.staging-../..", "staging")
+    assert not own_entry(".", "v") and not own_entry("..", "v") and not own_entry(".vm1.vabc", "v")
+    assert not own_entry("vm1.v1", "v")  # no leading dot: a name, not a version
+
+
+def test_a_planted_symlink_to_the_directory_itself_deletes_nothing(tmp_path):
+    """Replacing an image whose name someone pointed at ``.`` (or outside)
+    must not delete what the link names: before, tidying removed DIR/'.'."""
+    root = tmp_path / "images"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("outside")
+    store = ImageStore(root)
+    commit(store, "other", b"\x07" * PS)
+    (root / "victim").symlink_to(".")
+    (root / "away").symlink_to(outside)
+    for name in ("victim", "away"):
+        link = commit(store, name, b"\x01" * PS)
+        assert link.is_symlink() and own_entry(os.readlink(link), "v", name)
+        assert (link / "b1.mem").read_bytes() == b"\x01" * PS
+    assert (outside / "keep").read_text() == "outside"
+    assert (root / "other" / "b1.mem").read_bytes() == b"\x07" * PS
+
+
+def test_replacing_an_image_removes_the_version_it_replaced(tmp_path):
+    store = ImageStore(tmp_path)
+    first = os.readlink(commit(store, "vm", b"\x01" * PS))
+    second = os.readlink(commit(store, "vm", b"\x02" * PS))
+    assert first != second and not (tmp_path / first).exists() and (tmp_path / second).is_dir()
+
+
+def test_start_up_cleaning_removes_only_what_the_store_made(tmp_path):
+    store = ImageStore(tmp_path)
+    live = os.readlink(commit(store, "vm", b"\x01" * PS))
+    ours = [".vm.v1", ".vm.staging-0123456789ab", ".gone.v5"]
+    foreign = [".vm.vabc", ".config", "notes", ".vm.staging-x"]
+    for n in ours + foreign:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "f").write_text("x")
+    (tmp_path / ".vm.link-tmp").symlink_to("/")
+    (tmp_path / ".elsewhere.v7").symlink_to(tmp_path / "notes")  # a link named like a version: not followed
+    removed = store.clean_stale()
+    assert sorted(removed) == sorted([*ours, ".vm.link-tmp"])
+    for n in foreign:
+        assert (tmp_path / n / "f").read_text() == "x", n
+    assert (tmp_path / live).is_dir() and (tmp_path / "vm").is_symlink()
+    assert (tmp_path / ".elsewhere.v7").is_symlink()
+
+
+def test_a_second_receiver_on_the_same_directory_is_refused_naming_the_first(tmp_path):
+    first, second = ImageStore(tmp_path), ImageStore(tmp_path)
+    first.lock()
+    first.lock()  # idempotent
+    with pytest.raises(StoreError, match=f"in use by another receiver \\(pid {os.getpid()}\\)"):
+        second.lock()
+    first.unlock()
+    second.lock()
+    second.unlock()
+
+
+def test_peer_block_info_cannot_override_the_manifest_s_own_keys(tmp_path):
+    store = ImageStore(tmp_path)
+    hostile = {"file": "../../../../etc/shadow", "id": "x", "length": 1, "page_size": 1, "start": 4096}
+    link = commit(store, "vm", b"\x03" * PS, hostile)
+    (block,) = json.loads((link / "manifest.json").read_text())["blocks"]
+    assert (block["id"], block["length"], block["page_size"], block["file"]) == ("ram", PS, PS, "b1.mem")
+    assert block["info"] == hostile
+
+
+def _mem_size(info: bytes) -> bytes:
+    bid = b"ram"
+    return (
+        struct.pack(">QI", Flag.MEM_SIZE, 1) + bytes([len(bid)]) + bid + struct.pack(">QIH", PS, PS, len(info)) + info
+    )
+
+
+@pytest.mark.parametrize("info", [b"[1,2]", b'"text"', b"7", b"null", b"[" * 2000 + b"]" * 2000])
+def test_block_info_that_is_not_an_object_is_a_bad_record(info):
+    with pytest.raises(RecordError, match="block info is not a JSON object|not valid"):
+        parse_record(_mem_size(info), 0)
+
+
+def test_a_control_record_nested_past_the_parser_is_a_protocol_error():
+    body = b"[" * 200_000 + b"]" * 200_000
+    record = struct.pack(">QBI", Flag.CONTROL, 1, len(body)) + body
+    with pytest.raises(LocalProtocolError, match="nested too deeply|not JSON"):
+        parse_record(record, 0)
