@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -34,7 +36,7 @@ def clip(value, limit: int = MAX_TEXT):
     return value
 
 
-def _clip_fields(logger, method, event_dict: dict) -> dict:
+def _clip_fields(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A processor: every field of every line is clipped (``clip``); a
     traceback (``exc_info``) is left whole."""
     return {k: v if k in ("event", "exc_info", "exception") else clip(v) for k, v in event_dict.items()}
