@@ -49,6 +49,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _receive(args: argparse.Namespace) -> int:
+    import structlog
     import trio
 
     from migrated import log as logsetup
@@ -59,7 +60,14 @@ def _receive(args: argparse.Namespace) -> int:
         host, port = parse_address(args.listen)
     except ValueError as exc:
         raise UsageError(f"--listen: {exc}") from None
+    tls, allow = _receive_tls(args, host)
     logsetup.configure(args.log_format, args.log_level)
+    if args.insecure and tls is None:
+        structlog.get_logger("migrated.cli").warning(
+            "listen_insecure",
+            listen=args.listen,
+            hint="anyone who reaches this address can replace any image; use --tls-cert, --tls-key and --tls-ca",
+        )
     try:
         receiver = Receiver(
             ReceiverConfig(
@@ -72,6 +80,8 @@ def _receive(args: argparse.Namespace) -> int:
                 send_timeout=args.send_timeout,
                 max_connections=args.max_connections,
                 max_migrations=args.max_migrations,
+                tls=tls,
+                tls_allow=allow,
             )
         )
         receiver.store.lock()  # here, for a clear message: serve() keeps it
@@ -179,12 +189,13 @@ def _send(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--to: {exc}") from None
     config = _send_config(args)
+    tls = _send_tls(args)
     source = make_source(args)
     logsetup.configure(args.log_format, args.log_level)
-    return trio.run(_send_main, args, config, source, address)
+    return trio.run(_send_main, args, config, source, address, tls)
 
 
-async def _send_main(args: argparse.Namespace, config, source, address: tuple[str, int]) -> int:
+async def _send_main(args: argparse.Namespace, config, source, address: tuple[str, int], tls=None) -> int:
     """One migration, with SIGINT/SIGTERM cancelling it; reports and returns
     the exit status. The source is closed on every path."""
     import structlog
@@ -202,7 +213,7 @@ async def _send_main(args: argparse.Namespace, config, source, address: tuple[st
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, scope)
             try:
-                await _migrate(sender, source, address, args.to)
+                await _migrate(sender, source, address, args.to, tls, args.tls_hostname)
             except MigrationError as exc:
                 status, failure = EXIT_FAILED, exc
             except Exception as exc:  # a bug: say so plainly, never a bare traceback on stdout
@@ -228,12 +239,13 @@ async def _cancel_on_signal(scope) -> None:
             scope.cancel()
 
 
-async def _migrate(sender, source, address: tuple[str, int], to: str) -> None:
+async def _migrate(sender, source, address: tuple[str, int], to: str, tls=None, hostname=None) -> None:
     import trio
 
-    from migrated.errors import NetworkError
+    from migrated.errors import NetworkError, TlsSetupError
 
     await trio.to_thread.run_sync(source.open)
+    stream: trio.abc.Stream
     try:
         with trio.fail_after(sender.config.timeout):
             stream = await trio.open_tcp_stream(*address)
@@ -242,6 +254,22 @@ async def _migrate(sender, source, address: tuple[str, int], to: str) -> None:
     except OSError as exc:
         raise NetworkError(f"cannot connect to the receiver at {to}: {exc.strerror or exc}") from None
     async with stream:
+        if tls is not None:
+            stream = secure = trio.SSLStream(stream, tls, server_hostname=hostname or address[0])
+            try:
+                with trio.fail_after(sender.config.timeout):
+                    await secure.do_handshake()
+            except trio.TooSlowError:
+                raise NetworkError(f"TLS handshake with the receiver at {to}: no answer in time") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                why = exc.__cause__ or exc
+                text = str(why).upper()
+                hint = ""
+                if "WRONG_VERSION" in text:
+                    hint = " (is the receiver listening without TLS?)"
+                elif "MISMATCH" in text:
+                    hint = " (its certificate names another host: connect by that name, or give --tls-hostname)"
+                raise TlsSetupError(f"TLS handshake with the receiver at {to} failed: {why}{hint}") from None
         await sender.run(stream)
 
 
@@ -262,19 +290,83 @@ def _report(args: argparse.Namespace, sender, failure: BaseException | None) -> 
 
 SEND_EPILOG = """\
 examples:
-  migrated send --source file:/var/lib/vm/ram.img --to dest:7700 --name vm1 --pause-pid 4242
-  migrated send --source pid:4242 --to 10.0.0.2:7700 --name worker --max-bandwidth 100M --json
+  migrated send --source file:/var/lib/vm/ram.img --to dest.example:7700 --name vm1 --pause-pid 4242 \\
+      --tls-cert sender.pem --tls-key sender.key --tls-ca ca.pem
+  migrated send --source pid:4242 --to 127.0.0.1:7700 --name worker --max-bandwidth 100M --json
+
+With --tls-ca (or --tls-cert), the connection is TLS 1.3 and the receiver's
+certificate must match the host in --to (or --tls-hostname). "verified" in
+the summary means the receiver confirmed the digest and was authenticated
+(by TLS) or is this machine (loopback).
 
 exit status: 0 committed and verified, 1 failed (stderr says which side and why),
 2 usage error, 3 cancelled by SIGINT/SIGTERM (the source is resumed)."""
 
 RECEIVE_EPILOG = """\
-example:
-  migrated receive --listen 0.0.0.0:7700 --dir /var/lib/migrated
+examples:
+  migrated receive --dir /var/lib/migrated          (127.0.0.1:7700, plain TCP)
+  migrated receive --listen 0.0.0.0:7700 --dir /var/lib/migrated \\
+      --tls-cert dest.pem --tls-key dest.key --tls-ca ca.pem --tls-allow sender.example:vm-*
+
+Off loopback the receiver needs mutual TLS (--tls-cert, --tls-key and
+--tls-ca: every client shows a certificate the CA signed), or --insecure.
+--tls-allow SUBJECT[:NAME-GLOB] (repeatable) admits a client whose
+certificate names SUBJECT (common name, DNS or URI name) for the image names
+matching the glob; without it, every client the CA signed may send any name.
 
 Each image is committed as DIR/NAME (a symlink to a complete version with a
 manifest.json and one file per block). SIGTERM stops accepting and gives
 running migrations --shutdown-grace to finish; a second signal aborts them."""
+
+
+def _receive_tls(args: argparse.Namespace, host: str):
+    """The receiver's TLS context and allow-list from the command line; off
+    loopback, mutual TLS or --insecure."""
+    from migrated.errors import TlsSetupError
+    from migrated.tls import Allow, TlsFiles, is_loopback, server_context
+
+    files = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
+    try:
+        allow = tuple(Allow.parse(a) for a in args.tls_allow)
+    except ValueError as exc:
+        raise UsageError(f"--tls-allow {exc}") from None
+    if allow and not files.ca:
+        raise UsageError("--tls-allow needs --tls-ca: only a verified client certificate names its subject")
+    if not is_loopback(host) and not files.ca and not args.insecure:
+        raise UsageError(
+            f"--listen {args.listen}: off loopback the receiver needs mutual TLS (--tls-cert, --tls-key, "
+            "--tls-ca), or --insecure to accept anyone who reaches the port"
+        )
+    if not files.enabled:
+        return None, allow
+    try:
+        return server_context(files), allow
+    except TlsSetupError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _send_tls(args: argparse.Namespace):
+    """The sender's TLS context (None: plain TCP)."""
+    from migrated.errors import TlsSetupError
+    from migrated.tls import TlsFiles, client_context
+
+    files = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.tls_hostname and not files.enabled:
+        raise UsageError("--tls-hostname needs TLS: give --tls-ca (and --tls-cert, --tls-key)")
+    if not files.enabled:
+        return None
+    try:
+        return client_context(files)
+    except TlsSetupError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _tls_args(p: argparse.ArgumentParser, peer: str) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="this side's certificate (PEM); turns TLS 1.3 on")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--tls-ca", metavar="FILE", help=f"the CA certificate(s) that must have signed the {peer}'s certificate (PEM)"
+    )
 
 
 def _count_arg(text: str) -> int:
@@ -403,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="longest wait to connect and for each answer from the receiver (default 60s)",
     )
+    _tls_args(s, "receiver")
+    s.add_argument(
+        "--tls-hostname",
+        metavar="NAME",
+        help="the name the receiver's certificate must carry (default: the host in --to)",
+    )
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     _log_args(s)
     s.set_defaults(func=_send)
@@ -414,9 +512,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RECEIVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any free)")
+    r.add_argument(
+        "--listen",
+        default="127.0.0.1:7700",
+        metavar="HOST:PORT",
+        help="address to listen on (port 0: any free); off loopback it needs mutual TLS or --insecure "
+        "(default 127.0.0.1:7700)",
+    )
     r.add_argument("--dir", required=True, help="image directory (created if missing)")
     r.add_argument("--no-xbzrle", action="store_true", help="accept whole pages only")
+    _tls_args(r, "sender")
+    r.add_argument(
+        "--tls-allow",
+        action="append",
+        default=[],
+        metavar="SUBJECT[:NAME-GLOB]",
+        help="admit a client whose certificate names SUBJECT (common name, DNS or URI name) for the image "
+        "names matching the glob (default: any name); repeatable; without it, every client the CA signed",
+    )
+    r.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen off loopback without TLS: anyone who reaches the port can replace any image",
+    )
     r.add_argument(
         "--idle-timeout",
         type=duration_arg,

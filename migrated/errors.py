@@ -32,6 +32,7 @@ CODES: dict[str, str] = {
     "cancelled": "the migration was cancelled (a signal to the sender)",
     "digest-mismatch": "the image the receiver holds is not the one the sender sent; nothing was committed",
     "disconnected": "the peer closed the connection or it broke",
+    "forbidden": "the client's certificate is not allowed to migrate an image of that name (--tls-allow)",
     "freeze": "the source process could not be frozen for the final pass",
     "idle-timeout": "the peer sent nothing for longer than the idle timeout",
     "internal": "a bug in migrated (the message has the detail)",
@@ -41,6 +42,7 @@ CODES: dict[str, str] = {
     "process-exited": "the source process exited during the migration",
     "protocol": "a control message is malformed or arrives in the wrong state",
     "shutdown": "the receiver is shutting down",
+    "tls": "TLS could not be set up: a certificate, key or CA file, or the handshake with the peer",
     "timeout": "the peer did not finish its handshake, or did not read what was sent to it, in time",
     "source": "the source cannot be read (missing, no permission, shrank while read)",
     "store": "the receiver cannot write its image directory",
@@ -110,6 +112,18 @@ class NoSpace(StoreError):
 
 class Busy(LocalError):
     code = "busy"
+
+
+class Forbidden(LocalError):
+    """An authenticated client that is not allowed this image name."""
+
+    code = "forbidden"
+
+
+class TlsSetupError(LocalError):
+    """A certificate, key or CA file that cannot be used, or a failed handshake."""
+
+    code = "tls"
 
 
 class LimitReached(LocalError):

@@ -228,6 +228,15 @@ def _next_state(origin: Role, state: State, event: object) -> State:
         ) from None
 
 
+def _bad_magic(first: int) -> str:
+    if first in (0x15, 0x16):  # a TLS alert or handshake record
+        return (
+            "peer does not speak the migrated protocol in the clear: it speaks TLS; use TLS on both sides "
+            "(--tls-cert, --tls-key, --tls-ca) or on neither"
+        )
+    return "peer does not speak the migrated protocol (bad magic)"
+
+
 class Connection:
     """One end of a migration. ``role`` is the side this object speaks for."""
 
@@ -397,13 +406,11 @@ class Connection:
     def _next_event(self):
         if self.peer_version is None:
             self._merge()
+            if self._buf and not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
+                raise LocalProtocolError(_bad_magic(self._buf[0]))
             if len(self._buf) < _PREAMBLE.size:
-                if self._buf and not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
-                    raise LocalProtocolError("peer does not speak the migrated protocol (bad magic)")
                 return NEED_DATA
             magic, version = _PREAMBLE.unpack_from(self._buf)
-            if magic != MAGIC:
-                raise LocalProtocolError("peer does not speak the migrated protocol (bad magic)")
             self.peer_version = version
             del self._buf[: _PREAMBLE.size]
             if version != VERSION:

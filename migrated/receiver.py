@@ -8,6 +8,8 @@ on any ``trio.abc.Stream`` (TCP today, TLS later, memory streams in tests).
 
 from __future__ import annotations
 
+import socket
+import ssl
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,12 +19,14 @@ import trio
 from migrated.errors import (
     Busy,
     DigestMismatch,
+    Forbidden,
     IdleTimeout,
     LimitReached,
     MigrationError,
     PeerError,
     PeerGone,
     PeerTimeout,
+    TlsSetupError,
     first_migration_error,
 )
 from migrated.log import MAX_PEER_TEXT, clip
@@ -46,6 +50,7 @@ from migrated.protocol import (
 from migrated.records import Applier
 from migrated.store import ImageStore, Staging, storage_error
 from migrated.streams import receive_into, send_last_gasp
+from migrated.tls import Allow, identities
 from migrated.units import ms
 
 log = structlog.get_logger("migrated.receiver")
@@ -72,6 +77,8 @@ class ReceiverConfig:
     send_timeout: float = 30.0  # for the sender to take each thing sent to it (an ACK, COMMITTED)
     max_connections: int = 64  # connections open at once; more are refused with ``limit``
     max_migrations: int = 8  # migrations past their HELLO at once; more are refused with ``limit``
+    tls: ssl.SSLContext | None = None  # TLS on every connection (tls.server_context)
+    tls_allow: tuple[Allow, ...] = ()  # who may migrate which names (empty: every client the CA signed)
 
 
 class Receiver:
@@ -143,7 +150,10 @@ class Receiver:
 
     async def _on_connection(self, stream: trio.abc.Stream) -> None:
         _keepalive(stream)
-        await self.handle(stream, _name(stream, "getpeername"))
+        peer = _name(stream, "getpeername")
+        if self.config.tls is not None:  # the handshake is the session's first step
+            stream = trio.SSLStream(stream, self.config.tls, server_side=True)
+        await self.handle(stream, peer)
 
     async def handle(self, stream: trio.abc.Stream, peer: str) -> None:
         """One migration on ``stream``, from handshake to commit or failure.
@@ -170,7 +180,8 @@ class Receiver:
                     exc = PeerGone(f"connection lost: {exc or type(exc).__name__}")
                 log.error("fail_migration", code=exc.code, error=str(exc), **session.progress())
                 # a peer that hung up or reported its own failure is not told again
-                await session.fail(None if isinstance(exc, (PeerGone, PeerError)) else Failure(exc.code, str(exc)))
+                told = isinstance(exc, (PeerGone, PeerError, PlainClient))
+                await session.fail(None if told else Failure(exc.code, str(exc)))
             except Exception as exc:  # a bug: fail this migration, keep serving
                 self.failed += 1
                 log.exception("fail_migration", code="internal", error=repr(exc))
@@ -198,6 +209,7 @@ class _Session:
         self.stream = stream
         self.conn = conn
         self.name: str | None = None
+        self.client: list[str] = []  # what a TLS client's certificate names
         self.staging: Staging | None = None
         self.applier: Applier | None = None  # the staging's, kept for its counters
         self.passes = 0
@@ -283,8 +295,9 @@ class _Session:
         send_chunks, chunks = trio.open_memory_channel(READ_AHEAD_CHUNKS)
         with first_migration_error():
             async with trio.open_nursery() as background:
-                background.start_soon(self.read_stream, send_chunks)
                 with trio.move_on_after(self.config.handshake_timeout) as handshake:
+                    await self.tls_handshake()
+                    background.start_soon(self.read_stream, send_chunks)
                     hello = await self.next_event(chunks)
                 if handshake.cancelled_caught:
                     raise PeerTimeout(f"no HELLO from the sender within {self.config.handshake_timeout:g} s")
@@ -297,6 +310,7 @@ class _Session:
                 log.info(
                     "accept_migration",
                     source=clip(hello.source, MAX_PEER_TEXT),
+                    client=clip(self.client[0], MAX_PEER_TEXT) if self.client else None,
                     page_size=hello.page_size,
                     capabilities=list(caps),
                 )
@@ -352,9 +366,32 @@ class _Session:
         finally:
             self.writing_back = False
 
+    async def tls_handshake(self) -> None:
+        """On a TLS connection, the handshake (the client's certificate
+        verified against the CA): before a byte of the protocol is read."""
+        if not isinstance(self.stream, trio.SSLStream):
+            return
+        raw = self.stream.transport_stream
+        sock = getattr(raw, "socket", None)
+        if sock is not None:  # a sender speaking in the clear is told so in the clear
+            first = await sock.recv(1, socket.MSG_PEEK)
+            if first and first[0] != TLS_HANDSHAKE:
+                why = "this receiver requires TLS: give the sender --tls-ca, --tls-cert and --tls-key"
+                await send_last_gasp(raw, self.conn.farewell(Failure("tls", why)))
+                raise PlainClient(f"the sender spoke in the clear; {why}")
+        try:
+            await self.stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TlsSetupError(f"TLS handshake with the sender failed: {exc.__cause__ or exc}") from None
+        self.client = identities(self.stream.getpeercert())
+
     def hello(self, hello: Hello) -> None:
         name = hello.name
         structlog.contextvars.bind_contextvars(migration=name)
+        allow = self.config.tls_allow
+        if allow and not any(a.admits(self.client, name) for a in allow):
+            who = clip(self.client[0], MAX_PEER_TEXT) if self.client else "without a certificate"
+            raise Forbidden(f"client {who!r} is not allowed to migrate image {name!r} (--tls-allow)")
         if name in self.receiver.busy:
             raise Busy(f"a migration to image {name!r} is already in progress on this receiver")
         if len(self.receiver.busy) >= self.config.max_migrations:
@@ -434,6 +471,13 @@ class _Session:
             self.name = None
 
 
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello
+
+
+class PlainClient(TlsSetupError):
+    """A sender that spoke in the clear to a TLS receiver (told so already)."""
+
+
 KEEPALIVE_IDLE = 15  # seconds of silence before TCP probes a peer
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 4
@@ -447,8 +491,6 @@ def _keepalive(stream) -> None:
     sock = getattr(stream, "socket", None)
     if sock is None:
         return
-    import socket
-
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)

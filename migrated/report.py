@@ -90,6 +90,9 @@ def summary(s: Sender) -> dict[str, Any]:
         ],
         "digest": s.digest,
         "verified": s.verified,
+        # who vouches for the receiver's confirmation: tls, loopback, in-process, none
+        # (none: a plain TCP receiver elsewhere; its word is not authenticated)
+        "receiver_authenticated": s.receiver_auth,
         "image": s.committed_path,
         "source": s.source.description,
         "dirty_tracking": s.source.tracking,
@@ -129,6 +132,14 @@ def private_rss() -> int:
     return int(found.group(1)) * 1024 if found else 0
 
 
+def _verified_note(s: dict[str, Any]) -> str:
+    if s["verified"]:
+        return f" (digest verified by the receiver, {s['receiver_authenticated']})"
+    if s.get("image") and s["receiver_authenticated"] == "none":
+        return " (the receiver's confirmation is not authenticated: plain TCP to another host; use TLS)"
+    return ""
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The human summary printed by ``migrated send``."""
     after = s.get("downtime_breakdown", {}).get("commit_after_release_ms")
@@ -136,7 +147,7 @@ def format_summary(s: dict[str, Any]) -> str:
     ram, xb = s["ram"], s["xbzrle"]
     downtime = s["downtime_ms"] if s["downtime_ms"] is not None else "-"
     lines = [
-        f"status:             {s['status']}" + (" (digest verified by the receiver)" if s["verified"] else ""),
+        f"status:             {s['status']}" + _verified_note(s),
         f"converged:          {'yes' if s['converged'] else 'no'} after {s['iterations']} passes",
         f"total time:         {s['total_time_ms'] / 1000:.2f} s (setup {s['setup_time_ms']:.0f} ms)",
         f"downtime:           {downtime} ms from freeze to {released} (estimated at {s['expected_downtime_ms']} ms)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import time
 from array import array
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from migrated.errors import (
     NetworkError,
     RemoteError,
     RemoteProtocolError,
+    TlsSetupError,
     error_side,
     first_migration_error,
 )
@@ -59,6 +61,7 @@ from migrated.report import Status, private_rss, summary
 from migrated.source import Block, Source
 from migrated.streams import send_last_gasp, send_some, sends_exactly
 from migrated.throttle import Throttle
+from migrated.tls import is_loopback
 from migrated.units import ms
 
 log = structlog.get_logger("migrated.sender")
@@ -231,6 +234,7 @@ class Sender:
         self.downtime_breakdown: dict[str, float] = {}
         self._ack_arrived = trio.Event()
         self._committed: Committed | None = None
+        self.receiver_auth = "none"  # set from the stream (receiver_auth)
         # encode buffers, reused: a fresh 4 MiB allocation per batch would
         # fault in new memory every time (one being encoded, ENCODED_AHEAD
         # waiting, one being sent)
@@ -254,12 +258,18 @@ class Sender:
 
     @property
     def verified(self) -> bool:
-        """The receiver committed the image and confirmed the digest sent."""
+        """The receiver committed the image and confirmed the digest sent,
+        and it is known who said so (``receiver_auth``)."""
+        return self.confirmed and self.receiver_auth != "none"
+
+    @property
+    def confirmed(self) -> bool:
+        """The receiver said it committed the image whose digest was sent."""
         return self._committed is not None and self._committed.digest == self.digest
 
     @property
     def committed_path(self) -> str:
-        return self._committed.path if self._committed is not None and self.verified else ""
+        return self._committed.path if self._committed is not None and self.confirmed else ""
 
     def fail(self, exc: MigrationError) -> dict:
         """Record the failure for the summary; returns its ``error`` entry."""
@@ -275,12 +285,17 @@ class Sender:
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         """Read what the receiver sent into the protocol object."""
+        refused = isinstance(stream, trio.SSLStream) and self.status is Status.SETUP
         try:
             data = await stream.receive_some(1 << 16)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if refused:
+                raise _refused_certificate(exc.__cause__ or exc) from None
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise NetworkError(f"the receiver ended the TLS connection: {exc.__cause__}") from None
             raise NetworkError(f"connection to the receiver lost: {exc.__cause__ or exc}") from None
         if not data:
-            raise NetworkError("the receiver closed the connection")
+            raise _refused_certificate("closed") if refused else NetworkError("the receiver closed the connection")
         self.conn.receive_data(data)
 
     async def _read_peer(self, stream: trio.abc.Stream) -> None:
@@ -316,6 +331,7 @@ class Sender:
         (the receiver is told why, unless it said so itself); on cancellation
         the receiver is told too, and the status is cancelled."""
         structlog.contextvars.bind_contextvars(migration=self.config.name)
+        self.receiver_auth = receiver_auth(stream)
         bucket = TokenBucket(self.config.max_bandwidth, trio.current_time()) if self.config.max_bandwidth else None
         self.wire = wire = _Writer(stream, self.config.page_size, bucket)
         try:
@@ -638,6 +654,32 @@ class Sender:
         assert self.digest is not None
         if digest != self.digest:
             raise RemoteProtocolError(f"receiver confirmed digest {digest[:16]}…, the sender sent {self.digest[:16]}…")
+
+
+def _refused_certificate(how) -> TlsSetupError:
+    """TLS 1.3: a receiver that refuses this sender's certificate ends the
+    connection after the handshake, and its reason does not reach the sender."""
+    return TlsSetupError(
+        "the receiver ended the TLS connection before answering: it did not accept this sender's certificate "
+        f"(none given, signed by another CA, or expired; the receiver's log says which): {how}"
+    )
+
+
+def receiver_auth(stream: trio.abc.Stream) -> str:
+    """Who vouches for the receiver's answers: ``tls`` (its certificate
+    verified), ``loopback`` (this machine), ``in-process`` (a stream with no
+    socket), or ``none`` (a plain TCP peer elsewhere: its word is not
+    authenticated)."""
+    if isinstance(stream, trio.SSLStream):
+        return "tls"
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "in-process"
+    try:
+        host = sock.getpeername()[0]
+    except OSError:
+        return "none"
+    return "loopback" if is_loopback(host) else "none"
 
 
 def _receiver_parts(inside: float, timings: dict[str, float] | None, *, at_verified: bool) -> dict[str, float]:

@@ -106,7 +106,7 @@ def test_human_summary_and_receiver_without_xbzrle(tmp_path):
         make_image(src, 1 * MiB)
         r = send("--source", f"file:{src}", "--to", rx.address, "--name", "h")
         assert r.returncode == 0, r.stderr
-        assert "status:             completed (digest verified by the receiver)" in r.stdout
+        assert "status:             completed (digest verified by the receiver, loopback)" in r.stdout
         assert "negotiated off by the receiver" in r.stdout
     finally:
         assert rx.stop() == 0  # SIGTERM: a clean exit
