@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -278,7 +279,13 @@ def _report(args: argparse.Namespace, sender, failure: BaseException | None) -> 
     from migrated.report import format_summary, summary
 
     s = summary(sender)
-    print(json.dumps(s) if args.json else format_summary(s))
+    try:
+        print(json.dumps(s) if args.json else format_summary(s), flush=True)
+    except BrokenPipeError:  # `| head -c1`: the migration's outcome stands, and the exit status says it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        os.close(devnull)
+        print(f"migrated: stdout was closed; the summary was not printed (status {s['status']})", file=sys.stderr)
     if failure is not None:
         e = s["error"]
         print(f"migrated: send {s['status']} ({e['side']}): {e['code']}: {failure}", file=sys.stderr)
@@ -616,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--parts",
-        default="core,e2e,scaling,experiment",
-        help="comma-separated parts to run: core, e2e, scaling, experiment (default all)",
+        default="core,e2e,tls,scaling,experiment",
+        help="comma-separated parts to run: core, e2e, tls, scaling, experiment (default all)",
     )
     b.set_defaults(func=_bench)
     return parser

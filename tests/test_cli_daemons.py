@@ -350,3 +350,19 @@ def test_receiver_sigterm_drains_and_a_second_signal_aborts(tmp_path):
         assert staging_left(rx.dir) == []
     finally:
         rx.kill()
+
+
+def test_a_closed_stdout_does_not_turn_a_committed_migration_into_a_failure(tmp_path, receiver):
+    """`migrated send … | head -c1`: the summary cannot be printed, but the
+    image is committed: exit 0, the reason on stderr, no traceback."""
+    src = tmp_path / "src.img"
+    data = make_image(src, 1 * MiB)
+    cmd = [*CLI, "send", "--source", f"file:{src}", "--to", receiver.address, "--name", "piped", "--json"]
+    sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert sender.stdout is not None
+    sender.stdout.close()  # the reader went away before the summary
+    _, err = sender.communicate(timeout=120)
+    assert sender.returncode == 0, err
+    assert "stdout was closed; the summary was not printed (status completed)" in err
+    assert "Traceback" not in err
+    assert image_bytes(receiver.dir, "piped") == data

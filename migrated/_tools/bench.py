@@ -259,7 +259,7 @@ def format_core(result: dict) -> str:
 def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=None) -> dict:
     """Every benchmark part named in ``parts`` (comma-separated)."""
     wanted = {p.strip() for p in parts.split(",") if p.strip()}
-    unknown = wanted - {"core", "e2e", "scaling", "experiment"}
+    unknown = wanted - {"core", "e2e", "tls", "scaling", "experiment"}
     if unknown:
         raise ValueError(f"unknown bench parts: {sorted(unknown)}")
     result: dict = {}
@@ -271,6 +271,10 @@ def run_all(size_mib: int = 64, repeat: int = 3, parts: str = "core", progress=N
         # at least 5: on this kind of VM a migration's first touch of memory
         # its host took back is slow, and no ceiling touches new memory
         result["e2e"] = bench_e2e.run_e2e(repeat=max(repeat, bench_e2e.MIN_REPEAT), progress=progress)
+    if "tls" in wanted:
+        from migrated._tools import bench_e2e
+
+        result["tls"] = bench_e2e.run_tls(progress=progress)
     if "scaling" in wanted:
         from migrated._tools import bench_e2e
 
@@ -288,11 +292,13 @@ def format_all(result: dict) -> str:
     out = []
     if "core" in result:
         out.append(format_core(result["core"]))
-    if "e2e" in result or "scaling" in result or "experiment" in result:
+    if any(part in result for part in ("e2e", "tls", "scaling", "experiment")):
         from migrated._tools import bench_e2e
 
         if "e2e" in result:
             out.append(bench_e2e.format_e2e(result["e2e"]))
+        if "tls" in result:
+            out.append(bench_e2e.format_tls(result["tls"]))
         if "scaling" in result:
             out.append(bench_e2e.format_scaling(result["scaling"]))
         if "experiment" in result:

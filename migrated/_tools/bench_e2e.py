@@ -233,6 +233,86 @@ def format_e2e(r: dict) -> str:
     )
 
 
+TLS_TARGET = 0.6  # pass 0 over TLS against the same over plain TCP
+
+
+def _tls_files(tmp: Path) -> dict[str, str] | None:
+    """A CA and two leaves (the receiver for 127.0.0.1, a sender), made with
+    trustme (a test dependency; None without it)."""
+    try:
+        import trustme
+    except ImportError:
+        return None
+    ca = trustme.CA()
+    files = {"ca": tmp / "ca.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    for name, leaf in (("receiver", ca.issue_cert("127.0.0.1")), ("sender", ca.issue_cert("sender.bench"))):
+        files[name], files[f"{name}-key"] = tmp / f"{name}.pem", tmp / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(files[name]))
+        leaf.private_key_pem.write_to_path(str(files[f"{name}-key"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+def run_tls(size_mib: int = 1024, repeat: int = 3, progress=None) -> dict:
+    """Pass 0 of the same image over mutual TLS and over plain TCP, in pairs
+    (plain right before TLS); the median of each pair's ratio."""
+    note = progress or (lambda msg: None)
+    with tempfile.TemporaryDirectory(prefix="migrated-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        files = _tls_files(tmp)
+        if files is None:
+            return {"skipped": "trustme is not installed (pip install trustme) to make test certificates"}
+        src = tmp / "image.img"
+        _make_file(src, size_mib * MiB, 0.4)
+        server = ("--tls-cert", files["receiver"], "--tls-key", files["receiver-key"], "--tls-ca", files["ca"])
+        client = ("--tls-cert", files["sender"], "--tls-key", files["sender-key"], "--tls-ca", files["ca"])
+        plain_rx = ReceiverProcess(tmp / "plain", tmp / "plain.log")
+        tls_rx = ReceiverProcess(tmp / "tls", tmp / "tls.log", *server)
+        runs = []
+        try:
+            for i in range(repeat):
+                plain = migrate_cli(plain_rx, f"file:{src}", f"p{i}", "--downtime-limit", "10s")
+                _remove_image(plain_rx.dir / f"p{i}")
+                secure = migrate_cli(tls_rx, f"file:{src}", f"t{i}", "--downtime-limit", "10s", *client)
+                _remove_image(tls_rx.dir / f"t{i}")
+                if secure["receiver_authenticated"] != "tls":
+                    raise RuntimeError(f"the TLS run was not authenticated by TLS: {secure['receiver_authenticated']}")
+                p0, t0 = plain["passes"][0]["seconds"], secure["passes"][0]["seconds"]
+                runs.append({"plain_s": p0, "tls_s": t0})
+                note(
+                    f"tls: run {i + 1}: pass 0 plain {src.stat().st_size / p0 / 1e6:.0f} MB/s, TLS {src.stat().st_size / t0 / 1e6:.0f} MB/s"
+                )
+        finally:
+            plain_rx.stop()
+            tls_rx.stop()
+        size = src.stat().st_size
+    med = statistics.median
+    return {
+        "image_bytes": size,
+        "plain_mbps": med(size / r["plain_s"] for r in runs) / 1e6,
+        "tls_mbps": med(size / r["tls_s"] for r in runs) / 1e6,
+        "ratio": med(r["plain_s"] / r["tls_s"] for r in runs),
+        "pair_ratios": [round(r["plain_s"] / r["tls_s"], 3) for r in runs],
+        "target": TLS_TARGET,
+        "runs": runs,
+    }
+
+
+def format_tls(r: dict) -> str:
+    if "skipped" in r:
+        return f"TLS: skipped: {r['skipped']}"
+    flag = "" if r["ratio"] >= r["target"] else "  BELOW TARGET"
+    return "\n".join(
+        [
+            f"mutual TLS 1.3 over loopback: {r['image_bytes'] >> 20} MiB image, pass 0 (medians of "
+            f"{len(r['runs'])} pairs, plain right before TLS)",
+            f"  plain TCP  {r['plain_mbps']:8.0f} MB/s",
+            f"  TLS        {r['tls_mbps']:8.0f} MB/s  x plain {r['ratio']:.2f} (target {r['target']}){flag}",
+            f"  each pair x plain: {', '.join(f'{x:.2f}' for x in r['pair_ratios'])}",
+        ]
+    )
+
+
 SCALING_SIZES_MIB = (256, 1024)
 TRACKING_COST_TARGET = 20  # the scan's cost per pass over uffd's, at least
 DOWNTIME_CRIU_MS = {256: 130, 1024: 409}  # CRIU 4.2's stop-and-copy freeze of the same process here
