@@ -279,9 +279,8 @@ def run_tls(size_mib: int = 1024, repeat: int = 3, progress=None) -> dict:
                     raise RuntimeError(f"the TLS run was not authenticated by TLS: {secure['receiver_authenticated']}")
                 p0, t0 = plain["passes"][0]["seconds"], secure["passes"][0]["seconds"]
                 runs.append({"plain_s": p0, "tls_s": t0})
-                note(
-                    f"tls: run {i + 1}: pass 0 plain {src.stat().st_size / p0 / 1e6:.0f} MB/s, TLS {src.stat().st_size / t0 / 1e6:.0f} MB/s"
-                )
+                mb = src.stat().st_size / 1e6
+                note(f"tls: run {i + 1}: pass 0 plain {mb / p0:.0f} MB/s, TLS {mb / t0:.0f} MB/s")
         finally:
             plain_rx.stop()
             tls_rx.stop()
