@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxi ext/*.h)
 
-.PHONY: all demo test test-fast check bench clean
+.PHONY: all demo test test-fast check bench fuzz clean
 
 all: $(STAMP)
 
@@ -40,6 +40,27 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m migrated bench
+
+# Coverage-guided fuzzing (atheris) of every parser a peer reaches, FUZZ_SECONDS
+# per target; then everything it found, and the corpus, replayed through an
+# extension built with AddressSanitizer and UBSan (gcc's sanitizers and
+# atheris's coverage cannot share a process, so they take turns). Inputs
+# that fail land in tests/fuzz/corpus/TARGET/, which `make test` replays.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := stream xbzrle records control
+FUZZ_PKG := build/fuzz/pkg
+SANITIZE := -fsanitize=address,undefined -fno-omit-frame-pointer
+fuzz: $(STAMP)
+	for t in $(FUZZ_TARGETS); do \
+	  (cd tests && ../$(PY) fuzz_run.py $$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) || exit 1; \
+	done
+	rm -rf $(FUZZ_PKG) && mkdir -p $(FUZZ_PKG)
+	cp -r migrated $(FUZZ_PKG)/ && rm -f $(FUZZ_PKG)/migrated/*.so
+	CFLAGS="$(SANITIZE) -g -O1" LDFLAGS="$(SANITIZE)" $(PY) setup.py --quiet build_ext \
+	  --build-lib $(FUZZ_PKG) --build-temp build/fuzz/tmp --force
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  PYTHONPATH=$(FUZZ_PKG):tests $(PY) tests/fuzz_targets.py build/fuzz/corpus tests/fuzz/corpus
 
 clean:
 	rm -rf $(VENV) build *.egg-info migrated/*.so ext/_core.c .pytest_cache .hypothesis .ruff_cache .mypy_cache demo-out

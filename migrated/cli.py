@@ -83,6 +83,8 @@ def _receive(args: argparse.Namespace) -> int:
                 max_migrations=args.max_migrations,
                 tls=tls,
                 tls_allow=allow,
+                max_image_size=args.max_image_size,
+                reserve=args.reserve,
             )
         )
         receiver.store.lock()  # here, for a clear message: serve() keeps it
@@ -244,6 +246,7 @@ async def _migrate(sender, source, address: tuple[str, int], to: str, tls=None, 
     import trio
 
     from migrated.errors import NetworkError, TlsSetupError
+    from migrated.tlsstream import TLSStream
 
     await trio.to_thread.run_sync(source.open)
     stream: trio.abc.Stream
@@ -256,7 +259,7 @@ async def _migrate(sender, source, address: tuple[str, int], to: str, tls=None, 
         raise NetworkError(f"cannot connect to the receiver at {to}: {exc.strerror or exc}") from None
     async with stream:
         if tls is not None:
-            stream = secure = trio.SSLStream(stream, tls, server_hostname=hostname or address[0])
+            stream = secure = TLSStream(stream, tls, server_hostname=hostname or address[0])
             try:
                 with trio.fail_after(sender.config.timeout):
                     await secure.do_handshake()
@@ -569,6 +572,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="DURATION",
         help="fail a migration whose sender does not take an answer sent to it for this long (default 30s)",
+    )
+    r.add_argument(
+        "--max-image-size",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="largest image accepted, K/M/G/T suffixes; larger block lists are refused with 'limit' before "
+        "anything is reserved (default: what the directory's filesystem has free beyond --reserve)",
+    )
+    r.add_argument(
+        "--reserve",
+        type=fraction_arg,
+        default=0.05,
+        metavar="FRACTION",
+        help="share of the directory's filesystem no image may take, 0 to 0.99 or a percentage "
+        "(default 5%%); a block list that would need it is refused with 'no-space'",
     )
     r.add_argument(
         "--max-connections",

@@ -248,6 +248,7 @@ class Connection:
         self.capabilities: tuple[str, ...] = ()
         self.received_bytes = 0  # bytes taken from the peer, preamble included
         self._buf = bytearray()  # unconsumed bytes before _chunk[_pos:]
+        self._resume: dict = {}  # how far a block list arriving in pieces was parsed (records.parse_record)
         self._chunk: bytes | bytearray | memoryview | None = None
         self._pos = 0
         self._preamble_sent = False
@@ -424,7 +425,7 @@ class Connection:
                 return NEED_DATA
             stream_offset = self.received_bytes - len(self._buf)
             with memoryview(self._buf) as mv:
-                rec = parse_record(mv, stream_offset)
+                rec = parse_record(mv, stream_offset, self._resume)
             if rec is None:
                 return NEED_DATA
             del self._buf[: rec.size]

@@ -51,6 +51,7 @@ from migrated.records import Applier
 from migrated.store import ImageStore, Staging, storage_error
 from migrated.streams import receive_into, send_last_gasp
 from migrated.tls import Allow, identities
+from migrated.tlsstream import TLSStream
 from migrated.units import ms
 
 log = structlog.get_logger("migrated.receiver")
@@ -77,6 +78,8 @@ class ReceiverConfig:
     send_timeout: float = 30.0  # for the sender to take each thing sent to it (an ACK, COMMITTED)
     max_connections: int = 64  # connections open at once; more are refused with ``limit``
     max_migrations: int = 8  # migrations past their HELLO at once; more are refused with ``limit``
+    max_image_size: int | None = None  # bytes of one image, at most (None: what the disk has beyond the reserve)
+    reserve: float = 0.05  # the share of the directory's filesystem no image may take
     tls: ssl.SSLContext | None = None  # TLS on every connection (tls.server_context)
     tls_allow: tuple[Allow, ...] = ()  # who may migrate which names (empty: every client the CA signed)
 
@@ -89,7 +92,7 @@ class Receiver:
 
     def __init__(self, config: ReceiverConfig):
         self.config = config
-        self.store = ImageStore(config.directory)
+        self.store = ImageStore(config.directory, config.max_image_size, config.reserve)
         self.busy: set[str] = set()
         self.connections = 0  # open now
         self.completed = 0
@@ -152,7 +155,7 @@ class Receiver:
         _keepalive(stream)
         peer = _name(stream, "getpeername")
         if self.config.tls is not None:  # the handshake is the session's first step
-            stream = trio.SSLStream(stream, self.config.tls, server_side=True)
+            stream = TLSStream(stream, self.config.tls, server_side=True)
         await self.handle(stream, peer)
 
     async def handle(self, stream: trio.abc.Stream, peer: str) -> None:
@@ -369,7 +372,7 @@ class _Session:
     async def tls_handshake(self) -> None:
         """On a TLS connection, the handshake (the client's certificate
         verified against the CA): before a byte of the protocol is read."""
-        if not isinstance(self.stream, trio.SSLStream):
+        if not isinstance(self.stream, TLSStream):
             return
         raw = self.stream.transport_stream
         sock = getattr(raw, "socket", None)

@@ -56,6 +56,7 @@ MAX_BLOCK_ID_LENGTH = _core.MAX_BLOCK_ID_LENGTH  # a block id is 1 to this many 
 MAX_CONTROL_PAYLOAD = 1 << 20
 MAX_BLOCKS = 65536
 MAX_BLOCK_INFO = 4096
+MAX_BLOCK_LIST = 16 << 20  # bytes of one MEM_SIZE record (65536 blocks of a 200-byte id and info fit in it)
 
 _HEADER = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -255,12 +256,14 @@ class ParsedRecord:
     payload: dict | None = None
 
 
-def parse_record(buf, offset: int) -> ParsedRecord | None:
+def parse_record(buf, offset: int, resume: dict | None = None) -> ParsedRecord | None:
     """Parse the non-page record at the front of ``buf``.
 
     ``offset`` is its stream offset, for error messages. Returns None when
     ``buf`` does not yet hold the whole record. Declared lengths are checked
-    against their limits before anything is buffered.
+    against their limits before anything is buffered. ``resume`` (a dict the
+    caller keeps between calls) lets a block list arriving in many pieces be
+    parsed once: each call goes on from the last whole block.
     """
     mv = memoryview(buf)
     if len(mv) < 8:
@@ -295,19 +298,24 @@ def parse_record(buf, offset: int) -> ParsedRecord | None:
             raise LocalProtocolError(f"control record at stream offset {offset} is not a JSON object")
         return ParsedRecord(Flag.CONTROL, end, control=kind, payload=payload)
     if flags == Flag.MEM_SIZE:
-        return _parse_mem_size(mv, offset)
+        return _parse_mem_size(mv, offset, {} if resume is None else resume)
     raise RecordError(f"record at stream offset {offset}: unexpected flags {flags:#x}", offset)
 
 
-def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
+def _parse_mem_size(mv: memoryview, offset: int, resume: dict) -> ParsedRecord | None:
     if len(mv) < 12:
         return None
     (count,) = _U32.unpack_from(mv, 8)
     if count > MAX_BLOCKS:
         raise RecordError(f"block list at stream offset {offset} declares {count} blocks", offset)
-    pos = 12
-    blocks = []
-    for _ in range(count):
+    if resume.get("offset") != offset:  # a new block list
+        resume.clear()
+        resume.update(offset=offset, pos=12, blocks=[])
+    pos, blocks = resume["pos"], resume["blocks"]
+    if len(mv) > MAX_BLOCK_LIST and len(blocks) < count:
+        raise RecordError(f"block list at stream offset {offset} is larger than {MAX_BLOCK_LIST} bytes", offset)
+    for _ in range(count - len(blocks)):
+        resume["pos"] = pos
         if len(mv) < pos + 1:
             return None
         idlen = mv[pos]
@@ -320,6 +328,8 @@ def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
         if infolen > MAX_BLOCK_INFO:
             raise RecordError(f"block list at stream offset {offset}: block info too large", offset)
         pos += 1 + idlen + _BLOCK.size
+        if pos + infolen > MAX_BLOCK_LIST:
+            raise RecordError(f"block list at stream offset {offset} is larger than {MAX_BLOCK_LIST} bytes", offset)
         if len(mv) < pos + infolen:
             return None
         try:
@@ -332,6 +342,7 @@ def _parse_mem_size(mv: memoryview, offset: int) -> ParsedRecord | None:
         _check_block(bid, length, page_size, offset)
         pos += infolen
         blocks.append(BlockInfo(bid, length, page_size, info))
+    resume.clear()
     return ParsedRecord(Flag.MEM_SIZE, pos, blocks=blocks)
 
 

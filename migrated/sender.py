@@ -62,6 +62,7 @@ from migrated.source import Block, Source
 from migrated.streams import send_last_gasp, send_some, sends_exactly
 from migrated.throttle import Throttle
 from migrated.tls import is_loopback
+from migrated.tlsstream import TLSStream
 from migrated.units import ms
 
 log = structlog.get_logger("migrated.sender")
@@ -285,7 +286,7 @@ class Sender:
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         """Read what the receiver sent into the protocol object."""
-        refused = isinstance(stream, trio.SSLStream) and self.status is Status.SETUP
+        refused = isinstance(stream, TLSStream) and self.status is Status.SETUP
         try:
             data = await stream.receive_some(1 << 16)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -670,7 +671,7 @@ def receiver_auth(stream: trio.abc.Stream) -> str:
     verified), ``loopback`` (this machine), ``in-process`` (a stream with no
     socket), or ``none`` (a plain TCP peer elsewhere: its word is not
     authenticated)."""
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, TLSStream):
         return "tls"
     sock = getattr(stream, "socket", None)
     if sock is None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import structlog
 
 from migrated import __version__
-from migrated.errors import NoSpace, RecordError, StoreError
+from migrated.errors import LimitReached, NoSpace, RecordError, StoreError
 from migrated.pages import hash_marked, image_digest, page_count, zero_page_hash
 from migrated.records import Applier, BlockInfo, BlockTarget
 
@@ -105,8 +105,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ImageStore:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, max_image_size: int | None = None, reserve: float = 0.05):
         self.root = Path(root).absolute()
+        self.max_image_size = max_image_size  # bytes of one image's blocks, at most (None: no bound but the disk's)
+        self.reserve = reserve  # the share of the filesystem an image may not take
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{secrets.token_hex(4)}"
@@ -307,6 +309,7 @@ class Staging:
             f = self.blocks.pop(bid)
             f.close()
             f.path.unlink(missing_ok=True)
+        self._check_space(blocks)
         if self.memory:
             self._check_memory(blocks)
         created: set[str] = set()
@@ -329,6 +332,31 @@ class Staging:
         ]
         self.applier.set_blocks(targets)
         return targets
+
+    def _check_space(self, blocks) -> None:
+        """Refuse a block list before anything is reserved: larger than
+        --max-image-size (``limit``), or needing more of the disk than is free
+        beyond the reserve (``no-space``)."""
+        total = sum(page_count(b.length, b.page_size) * b.page_size for b in blocks)
+        limit = self.store.max_image_size
+        if limit is not None and total > limit:
+            raise LimitReached(
+                f"image {self.name!r} declares {total} bytes of blocks, more than the receiver's "
+                f"--max-image-size of {limit}"
+            )
+        more = sum(max(0, page_count(b.length, b.page_size) * b.page_size - self._held(b.id)) for b in blocks)
+        if not more:
+            return
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return  # posix_fallocate still says no-space clearly
+        free = st.f_bavail * st.f_frsize - int(self.store.reserve * st.f_blocks * st.f_frsize)
+        if more > free:
+            raise NoSpace(
+                f"cannot receive image {self.name!r}: its blocks need {more} more bytes and {max(free, 0)} are "
+                f"free in {self.store.root} beyond the {self.store.reserve:.0%} of it kept in reserve (--reserve)"
+            )
 
     def _check_memory(self, blocks) -> None:
         """Refuse a block list whose new memory would not fit in what the

@@ -3,9 +3,9 @@ the last-gasp ERROR a failing side sends before it closes."""
 
 from __future__ import annotations
 
-import select
-
 import trio
+
+from migrated.tlsstream import TLSStream
 
 LAST_GASP_SECONDS = 2.0
 
@@ -13,37 +13,18 @@ LAST_GASP_SECONDS = 2.0
 async def receive_into(stream: trio.abc.Stream, view: memoryview) -> int:
     """Receive at most ``len(view)`` bytes into ``view``; 0 at the end of
     the stream. A TCP stream receives in place (no new buffer per call);
-    other streams (TLS, in-memory) copy from ``receive_some``."""
+    a TLS stream decrypts into it; other streams (in memory) copy from
+    ``receive_some``."""
     if isinstance(stream, trio.SocketStream):
         try:
             return await stream.socket.recv_into(view)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+    if isinstance(stream, TLSStream):  # decrypts straight into ``view``, as much as has arrived
+        return await stream.receive_into(view)
     data = await stream.receive_some(len(view))
-    n = len(data)
-    view[:n] = data
-    if isinstance(stream, trio.SSLStream) and n:
-        # one TLS record (16 KiB at most) per call: while more has arrived,
-        # take it too, so that the rest of the receiver handles a chunk per
-        # ring buffer, not per record
-        sock = getattr(stream.transport_stream, "socket", None)
-        while sock is not None and len(view) - n >= TLS_RECORD and _readable(sock.fileno()):
-            data = await stream.receive_some(len(view) - n)
-            if not data:
-                break
-            view[n : n + len(data)] = data
-            n += len(data)
-    return n
-
-
-TLS_RECORD = 16 << 10  # the most plaintext one TLS record holds
-
-
-def _readable(fd: int) -> bool:
-    """Whether the socket has bytes waiting (a poll that does not wait)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    view[: len(data)] = data
+    return len(data)
 
 
 def sends_exactly(stream: trio.abc.Stream) -> bool:

@@ -1,6 +1,6 @@
 """Mutual TLS for the migration connection, and who may migrate which image.
 
-Both sides speak TLS 1.3 only (``ssl`` and ``trio.SSLStream``). A receiver
+Both sides speak TLS 1.3 only (``ssl``, over ``tlsstream.TLSStream``). A receiver
 given a CA requires a client certificate signed by it; a sender always
 verifies the receiver's certificate against the host it connects to (or
 ``--tls-hostname``). Authorisation is per image name: ``--tls-allow

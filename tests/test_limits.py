@@ -133,3 +133,20 @@ def test_two_hundred_idle_connections_cost_the_receiver_under_100_mib(tmp_path):
         for s in socks:
             s.close()
         rx.stop()
+
+
+async def test_a_terabyte_block_list_is_refused_before_any_reservation(tmp_path):
+    """263 bytes on the wire used to make a receiver reserve what they declared."""
+    from daemons import staging_left
+
+    from migrated.records import BlockInfo, frame_mem_size
+
+    images = tmp_path / "images"
+    async with running_receiver(images) as rx:
+        stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
+        with trio.fail_after(10):
+            answer = await _answer(stream, raw_hello(name="huge") + frame_mem_size([BlockInfo("ram", 1 << 40, 4096)]))
+        await trio.sleep(0.1)
+    err = error_of(answer)
+    assert err["code"] == "no-space" and "in reserve" in err["message"]
+    assert staging_left(images) == []  # nothing reserved, nothing left
