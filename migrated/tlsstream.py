@@ -23,14 +23,14 @@ RECEIVE_SIZE = 1 << 20  # bytes asked of the socket per receive
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
-    """TLS over ``transport`` (a ``trio.SocketStream``). Call
+    """TLS over ``transport`` (a ``trio.SocketStream``, or any stream). Call
     ``do_handshake`` first; errors of the peer or of TLS are
     ``trio.BrokenResourceError`` with the ``ssl.SSLError`` as its cause, as
     trio's own streams raise them."""
 
     def __init__(
         self,
-        transport: trio.SocketStream,
+        transport: trio.abc.Stream,
         context: ssl.SSLContext,
         *,
         server_side: bool = False,
@@ -47,7 +47,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     @property
     def socket(self):  # what getpeername and keepalive look for, as on a SocketStream
-        return self.transport_stream.socket
+        return getattr(self.transport_stream, "socket", None)
 
     def getpeercert(self) -> dict | None:
         return self._tls.getpeercert()
@@ -110,7 +110,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         while True:
             try:
                 while n < len(view):
-                    got = self._tls.read(len(view) - n, view[n:])
+                    got = int(self._tls.read(len(view) - n, view[n:]))  # with a buffer: a count
                     if not got:
                         break
                     n += got
