@@ -88,6 +88,14 @@ cdef class Applier:
         if self.t[blk].marks != NULL:
             xb_mark(&self.t[blk].marks[offset // <uint64_t>self.page_size])
 
+    @cython.cdivision(True)
+    cdef inline bint _unwritten(self, int blk, uint64_t offset) noexcept nogil:
+        """Whether the page at offset of block blk has no written mark (a
+        block without marks keeps none: taken as unwritten)."""
+        if self.t[blk].marks == NULL:
+            return True
+        return not xb_marked(&self.t[blk].marks[offset // <uint64_t>self.page_size])
+
     cdef int _flush(self) noexcept nogil:
         """Write the pending pages; 0 or an errno."""
         cdef int fd, first = 0
@@ -280,7 +288,9 @@ cdef class Applier:
                     if i >= n:
                         i = rec
                         break
-                    if not (self.t[blk].fresh and src[i] == 0):
+                    # a fresh block is zeros already, unless this pass wrote
+                    # the page (a peer may send a page twice: stream order wins)
+                    if not (self.t[blk].fresh and src[i] == 0 and self._unwritten(blk, offset)):
                         memset(page, src[i], ps)
                         self._mark(blk, offset)
                     i += 1

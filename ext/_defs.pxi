@@ -42,6 +42,7 @@ cdef inline int _check_guard(xb_guard_t *g, const uint8_t *base, Py_ssize_t leng
 
 cdef extern from "page_marks.h" nogil:
     void xb_mark(uint8_t *mark)
+    int xb_marked(const uint8_t *mark)
     int xb_take(uint8_t *mark)
 
 

@@ -14,6 +14,11 @@ static inline void xb_mark(uint8_t *mark)
     __atomic_store_n(mark, 1, __ATOMIC_RELEASE);
 }
 
+static inline int xb_marked(const uint8_t *mark)
+{
+    return __atomic_load_n(mark, __ATOMIC_RELAXED);
+}
+
 static inline int xb_take(uint8_t *mark)
 {
     if (!__atomic_load_n(mark, __ATOMIC_RELAXED))

@@ -165,6 +165,13 @@ class Receiver:
         conn = Connection(Role.RECEIVER)
         session = _Session(self, stream, conn)
         self.connections += 1
+        try:
+            await self._handle(stream, session)
+        finally:
+            self.connections -= 1  # once its stream is closed
+            structlog.contextvars.unbind_contextvars("peer", "migration")
+
+    async def _handle(self, stream: trio.abc.Stream, session: _Session) -> None:
         async with stream:
             try:
                 if self.connections > self.config.max_connections:
@@ -197,9 +204,7 @@ class Receiver:
                 log.error("fail_migration", code="internal", error=repr(errors))
                 await session.fail(Failure("internal", f"receiver internal error: {errors!r}"))
             finally:
-                self.connections -= 1
                 session.release()
-                structlog.contextvars.unbind_contextvars("peer", "migration")
 
 
 class _Session:
@@ -377,7 +382,10 @@ class _Session:
         raw = self.stream.transport_stream
         sock = getattr(raw, "socket", None)
         if sock is not None:  # a sender speaking in the clear is told so in the clear
-            first = await sock.recv(1, socket.MSG_PEEK)
+            try:
+                first = await sock.recv(1, socket.MSG_PEEK)
+            except OSError as exc:
+                raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
             if first and first[0] != TLS_HANDSHAKE:
                 why = "this receiver requires TLS: give the sender --tls-ca, --tls-cert and --tls-key"
                 await send_last_gasp(raw, self.conn.farewell(Failure("tls", why)))

@@ -231,6 +231,12 @@ def frame_mem_size(blocks: list[BlockInfo]) -> bytes:
     return b"".join(parts)
 
 
+def _no_constant(name: str):
+    """JSON has no NaN or Infinity (Python's parser takes them; others, and
+    the manifest's readers, do not)."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def frame_eos(pass_number: int) -> bytes:
     """EOS: u32 pass number."""
     return _HEADER.pack(Flag.EOS) + _U32.pack(pass_number)
@@ -290,7 +296,7 @@ def parse_record(buf, offset: int, resume: dict | None = None) -> ParsedRecord |
         if len(mv) < end:
             return None
         try:
-            payload = json.loads(bytes(mv[_CONTROL.size : end]))
+            payload = json.loads(bytes(mv[_CONTROL.size : end]), parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
             why = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
             raise LocalProtocolError(f"control record at stream offset {offset} is {why}") from None
@@ -334,7 +340,7 @@ def _parse_mem_size(mv: memoryview, offset: int, resume: dict) -> ParsedRecord |
             return None
         try:
             bid = raw_id.decode()
-            info = json.loads(bytes(mv[pos : pos + infolen])) if infolen else {}
+            info = json.loads(bytes(mv[pos : pos + infolen]), parse_constant=_no_constant) if infolen else {}
         except (ValueError, RecursionError):
             raise RecordError(f"block list at stream offset {offset}: block id or info is not valid", offset) from None
         if not isinstance(info, dict):

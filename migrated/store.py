@@ -29,9 +29,12 @@ import json
 import mmap
 import os
 import re
+import resource
 import secrets
 import shutil
+import threading
 import time
+import weakref
 from array import array
 from pathlib import Path
 
@@ -48,6 +51,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_IN_NAMES = (".staging-", ".link-tmp")  # the store's own entries are named with these
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+BLOCK_BUDGET_MARGIN = 256  # descriptors (and 4x as many mappings) kept for everything but block files
 # the store's own entries, ``.NAME`` then one of these; nothing else is ever deleted
 _OWN = re.compile(r"\.(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(?P<kind>\.v\d+|\.staging-[0-9a-f]{1,32}|\.link-tmp)")
 
@@ -109,6 +113,8 @@ class ImageStore:
         self.root = Path(root).absolute()
         self.max_image_size = max_image_size  # bytes of one image's blocks, at most (None: no bound but the disk's)
         self.reserve = reserve  # the share of the filesystem an image may not take
+        self.reserving = threading.Lock()  # Staging.set_blocks: check and reserve as one step
+        self.stagings: weakref.WeakSet[Staging] = weakref.WeakSet()  # open ones, for the block budget
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{secrets.token_hex(4)}"
@@ -117,6 +123,24 @@ class ImageStore:
         except OSError as exc:
             raise StoreError(f"cannot write to image directory {self.root}: {exc.strerror}") from None
         self._lock = -1
+
+    def open_blocks(self) -> int:
+        """Descriptors (and mappings) the open stagings' blocks hold now."""
+        return sum(len(st.blocks) * (2 if st.memory else 1) for st in list(self.stagings))
+
+    @staticmethod
+    def block_budget() -> int:
+        """How many block descriptors and mappings all migrations together
+        may hold: the descriptor limit and the kernel's mapping limit, each
+        less a margin for everything else the process opens and maps."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget = soft - BLOCK_BUDGET_MARGIN if soft != resource.RLIM_INFINITY else 1 << 20
+        try:
+            with open("/proc/sys/vm/max_map_count") as fh:
+                budget = min(budget, int(fh.read()) - BLOCK_BUDGET_MARGIN * 4)
+        except (OSError, ValueError):
+            pass
+        return max(budget, 0)
 
     def lock(self) -> None:
         """Hold the directory for this receiver (an flock on ``.lock``, which
@@ -174,7 +198,9 @@ class ImageStore:
         target = self.root / name
         if target.exists() and not target.is_symlink():
             raise StoreError(f"{target} exists and is not an image committed by migrated; move it away")
-        return Staging(self, name, page_size, source, memory)
+        staging = Staging(self, name, page_size, source, memory)
+        self.stagings.add(staging)
+        return staging
 
 
 class _BlockFile:
@@ -187,7 +213,10 @@ class _BlockFile:
     def __init__(self, info: BlockInfo, path: Path, memory: bool = False):
         self.info = info
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create the file of block {info.id!r} in {path.parent}") from None
         # in memory: the pages live in a memfd until the commit writes them to
         # ``path``, which holds the disk space reserved meanwhile
         self.disk = -1
@@ -285,7 +314,11 @@ class Staging:
         self.page_size = page_size
         self.source = source
         self.dir = store.root / f".{name}.staging-{secrets.token_hex(6)}"
-        self.dir.mkdir()
+        self.committed = False
+        try:
+            self.dir.mkdir()
+        except OSError as exc:
+            raise storage_error(exc, f"cannot make the staging directory of image {name!r} in {store.root}") from None
         self.blocks: dict[str, _BlockFile] = {}
         self.order: list[str] = []
         self.applier = Applier(page_size)
@@ -309,20 +342,27 @@ class Staging:
             f = self.blocks.pop(bid)
             f.close()
             f.path.unlink(missing_ok=True)
-        self._check_space(blocks)
-        if self.memory:
-            self._check_memory(blocks)
         created: set[str] = set()
-        for b in blocks:
-            kept = self.blocks.get(b.id)
-            if kept is None:
-                self._files += 1
-                self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem", self.memory)
-                created.add(b.id)
-            elif kept.info.length != b.length or kept.map is None:
-                kept.resize(b)
-            else:
-                kept.info = b
+        # checked and reserved as one step across migrations: two block lists
+        # checked at once would both see the same free space (or memory)
+        with self.store.reserving:
+            self._check_descriptors(blocks)
+            self._check_space(blocks)
+            if self.memory:
+                self._check_memory(blocks)
+            for b in blocks:
+                kept = self.blocks.get(b.id)
+                if kept is None:
+                    self._files += 1
+                    try:
+                        self.blocks[b.id] = _BlockFile(b, self.dir / f"b{self._files}.mem", self.memory)
+                    except OSError as exc:  # EMFILE, ENOMEM of a memfd...
+                        raise storage_error(exc, f"cannot hold block {b.id!r} of image {self.name!r}") from None
+                    created.add(b.id)
+                elif kept.info.length != b.length or kept.map is None:
+                    kept.resize(b)
+                else:
+                    kept.info = b
         self.order = ids
         # a block file made just now is all zeros: the applier may skip zero
         # fills, and writes its whole pages to the file rather than the map
@@ -332,6 +372,22 @@ class Staging:
         ]
         self.applier.set_blocks(targets)
         return targets
+
+    def _check_descriptors(self, blocks) -> None:
+        """Refuse a block list whose new blocks would take the receiver past
+        its budget of descriptors and mappings (each block holds a file
+        descriptor and a mapping, a memfd too when held in memory): its
+        other migrations, and the process, keep theirs."""
+        new = sum(1 for b in blocks if b.id not in self.blocks)
+        need = new * (2 if self.memory else 1)
+        budget = self.store.block_budget()
+        in_use = self.store.open_blocks()
+        if need and in_use + need > budget:
+            raise LimitReached(
+                f"image {self.name!r} declares {len(blocks)} blocks: the receiver can hold {budget} block files "
+                f"and mappings at once ({in_use} in use; each block takes a descriptor and a mapping; "
+                "raise the descriptor limit, LimitNOFILE=, to hold more)"
+            )
 
     def _check_space(self, blocks) -> None:
         """Refuse a block list before anything is reserved: larger than
@@ -452,14 +508,22 @@ class Staging:
         version = f".{self.name}.v{time.time_ns()}"
         link = root / self.name
         previous = os.readlink(link) if link.is_symlink() else None
-        os.rename(self.dir, root / version)
         tmp = root / f".{self.name}.link-tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(version, tmp)
-        os.rename(tmp, link)
-        _fsync_dir(root)
+        try:
+            os.rename(self.dir, root / version)
+            self.dir = root / version  # what discard() removes if the swap fails
+            tmp.unlink(missing_ok=True)
+            os.symlink(version, tmp)
+            os.rename(tmp, link)
+        except OSError as exc:  # a full directory (no inode for the link)...: the previous image stays
+            tmp.unlink(missing_ok=True)
+            raise storage_error(exc, f"cannot swap in image {self.name!r} in {root}") from None
+        self.committed = True
+        try:
+            _fsync_dir(root)
+        except OSError as exc:  # swapped in, but not known durable
+            log.warning("sync_directory", path=str(root), error=exc.strerror or str(exc))
         self.swap_seconds = time.monotonic() - synced
-        self.dir = root / version
         self.blocks.clear()
         # only a version of this image the store made, never what a planted link names
         replaced = root / previous if previous and previous != version and own_entry(previous, "v", self.name) else None
@@ -484,9 +548,12 @@ class Staging:
             self._replaced = None
 
     def discard(self) -> None:
+        """Drop everything this staging holds: its staging directory, or the
+        version a failed swap left (never a committed image)."""
         self.applier.release()
         for f in self.blocks.values():
             f.close()
         self.blocks.clear()
-        if own_entry(self.dir.name, "staging", self.name) and _real_dir(self.dir):
+        kind = "v" if self.dir.name.startswith(f".{self.name}.v") else "staging"
+        if not self.committed and own_entry(self.dir.name, kind, self.name) and _real_dir(self.dir):
             shutil.rmtree(self.dir, ignore_errors=True)

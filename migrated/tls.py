@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ class TlsFiles:
         return bool(self.cert or self.key or self.ca)
 
 
+_GLOB = re.compile(r"[A-Za-z0-9._*?!\[\]-]+")
+
+
 @dataclass(frozen=True)
 class Allow:
     """One ``--tls-allow`` entry: a certificate subject and the image names it may migrate."""
@@ -42,10 +46,14 @@ class Allow:
 
     @classmethod
     def parse(cls, text: str) -> Allow:
-        subject, sep, names = text.partition(":")
-        if subject in ("spiffe", "urn", "https", "http"):  # a URI SAN: its glob follows the last ':'
-            subject, sep, names = text.rpartition(":") if text.count(":") > 1 else (text, "", "")
-        if not subject or (sep and not names):
+        """``SUBJECT`` or ``SUBJECT:NAME-GLOB``. A subject with ':' in it (a
+        URI) takes its glob after the last ':', when what follows it looks
+        like a name glob (letters, digits, '.', '_', '-', '*', '?', '[]');
+        give one explicitly (``urn:uuid:…:*``) where it could be read so."""
+        subject, sep, names = text.rpartition(":")
+        if not sep or not _GLOB.fullmatch(names):
+            subject, sep, names = text, "", ""
+        if not subject or (sep and not names) or text.endswith(":"):
             raise ValueError(f"{text!r}: use SUBJECT or SUBJECT:NAME-GLOB")
         return cls(subject, names or "*")
 
@@ -88,13 +96,15 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
 
 
 def identities(cert: dict | None) -> list[str]:
-    """What a verified peer certificate (``getpeercert()``) names: its
-    common names, DNS names and URIs."""
+    """What a verified peer certificate (``getpeercert()``) names: its DNS
+    names and URIs, or where it has neither, its common names (RFC 6125:
+    a certificate with subject alternative names is not read for a CN)."""
     if not cert:
         return []
-    out = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
-    out += [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI")]
-    return out
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI")]
+    if names:
+        return names
+    return [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
 
 
 def is_loopback(host: str) -> bool:

@@ -203,3 +203,70 @@ def test_a_block_list_that_would_eat_the_reserve_is_refused_with_no_space(tmp_pa
         staging.set_blocks([BlockInfo("ram", PS, PS)])
     assert list(staging.dir.iterdir()) == []
     staging.discard()
+
+
+def test_a_page_written_then_zeroed_in_the_pass_that_made_its_block_ends_zero(tmp_path):
+    """The applier skips zero fills of a block known to be zeros, but not of
+    a page this pass already wrote: stream order wins (found by review)."""
+    from migrated.records import Applier, BlockTarget
+
+    page = bytes([0xAB]) * PS
+    records = (
+        struct.pack(">Q", 0 | Flag.PAGE) + bytes([1]) + b"b" + page
+        + struct.pack(">Q", 0 | Flag.ZERO | Flag.CONTINUE) + b"\x00"
+        + struct.pack(">Q", PS | Flag.ZERO | Flag.CONTINUE) + b"\x00"
+    )  # fmt: skip
+    buf, marks = bytearray(2 * PS), bytearray(2)
+    applier = Applier(PS)
+    applier.set_blocks([BlockTarget(b"b", buf, True, -1, marks)])
+    applier.apply(records)
+    assert bytes(buf) == bytes(2 * PS)
+    assert marks == bytearray([1, 0])  # page 1 was skipped: zeros already, never written
+
+
+def test_block_lists_beyond_the_descriptor_budget_are_refused_with_limit(tmp_path, monkeypatch):
+    """Each block holds a descriptor and a mapping: one migration's list may
+    not take those its others (or the process) need (found by review:
+    19,800 empty blocks in 400 KB exhausted the descriptors)."""
+    from migrated.errors import LimitReached
+
+    monkeypatch.setattr(ImageStore, "block_budget", staticmethod(lambda: 10))
+    store = ImageStore(tmp_path)
+    first = store.begin("a", PS)
+    first.set_blocks([BlockInfo(f"b{i}", PS, PS) for i in range(6)])
+    second = store.begin("b", PS)
+    with pytest.raises(LimitReached, match="can hold 10 block files and mappings at once \\(6 in use"):
+        second.set_blocks([BlockInfo(f"b{i}", PS, PS) for i in range(5)])
+    assert list(second.dir.iterdir()) == []
+    second.set_blocks([BlockInfo(f"b{i}", PS, PS) for i in range(4)])  # what is left fits
+    first.discard()
+    second.discard()
+    assert store.open_blocks() == 0
+
+
+def test_a_swap_that_fails_for_space_keeps_the_previous_image_and_leaves_nothing(tmp_path, monkeypatch):
+    from migrated.errors import NoSpace
+
+    store = ImageStore(tmp_path)
+    first = os.readlink(commit(store, "vm", b"\x01" * PS))
+    staging = store.begin("vm", PS)
+    staging.set_blocks([BlockInfo("ram", PS, PS)])
+    os.pwrite(staging.blocks["ram"].fd, b"\x02" * PS, 0)
+    staging.blocks["ram"].marks[:] = b"\x01"
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", full)
+    with pytest.raises(NoSpace, match="cannot swap in image 'vm'"):
+        staging.commit(staging.digest())
+    staging.discard()
+    assert os.readlink(tmp_path / "vm") == first and (tmp_path / "vm" / "b1.mem").read_bytes() == b"\x01" * PS
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["vm", first])  # no version, link or staging left
+
+
+def test_json_without_nan_or_infinity_in_block_info():
+    with pytest.raises(RecordError, match="not valid"):
+        parse_record(_mem_size(b'{"start":NaN}'), 0)
+    with pytest.raises(RecordError, match="not valid"):
+        parse_record(_mem_size(b'{"start":-Infinity}'), 0)

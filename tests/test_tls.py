@@ -124,7 +124,7 @@ async def test_an_authenticated_client_is_admitted_only_for_the_names_it_is_allo
     src = tmp_path / "src.img"
     make_image(src, 256 << 10)
     images = tmp_path / "images"
-    allow = (Allow.parse("sender.example:vm-*"), Allow.parse("sender-cn:db-1"))
+    allow = (Allow.parse("sender.example:vm-*"), Allow.parse("sender2.example:db-1"))
     async with running_receiver(images, tls=receiver_tls(pki), tls_allow=allow) as rx:
         for name in ("vm-1", "db-1"):
             _, s = await send(rx.port, src, name, sender_tls(pki))
@@ -141,7 +141,7 @@ async def test_a_subject_not_in_the_allow_list_is_forbidden_before_any_page_move
     async with running_receiver(tmp_path / "images", tls=receiver_tls(pki), tls_allow=(Allow("other"),)) as rx:
         with pytest.raises(PeerError) as info:
             await send(rx.port, src, "vm1", sender_tls(pki))
-    assert info.value.code == "forbidden" and "sender-cn" in str(info.value) and "--tls-allow" in str(info.value)
+    assert info.value.code == "forbidden" and "'sender.example'" in str(info.value) and "--tls-allow" in str(info.value)
     assert info.value.sender.passes == [] and info.value.sender.transferred < 4096  # no page moved
 
 
@@ -186,6 +186,8 @@ def test_allow_entries_and_certificate_identities():
     assert Allow.parse("sender.example:vm-*") == Allow("sender.example", "vm-*")
     assert Allow.parse("spiffe://example.org/sender:vm-?") == Allow("spiffe://example.org/sender", "vm-?")
     assert Allow.parse("spiffe://example.org/sender") == Allow("spiffe://example.org/sender", "*")
+    assert Allow.parse("https://ci.example:8443/runner") == Allow("https://ci.example:8443/runner", "*")
+    assert Allow.parse("urn:uuid:6e8b:*") == Allow("urn:uuid:6e8b", "*")
     for bad in ("", ":vm", "host:"):
         with pytest.raises(ValueError, match="use SUBJECT or SUBJECT:NAME-GLOB"):
             Allow.parse(bad)
@@ -194,7 +196,8 @@ def test_allow_entries_and_certificate_identities():
         "subjectAltName": (("DNS", "a.example"), ("URI", "spiffe://x/y"), ("IP Address", "10.0.0.1")),
     }
     ids = identities(cert)
-    assert ids == ["cn1", "a.example", "spiffe://x/y"]
+    assert ids == ["a.example", "spiffe://x/y"]  # with names, the CN is not read (RFC 6125)
+    assert identities({"subject": cert["subject"]}) == ["cn1"]
     assert Allow("spiffe://x/y", "vm*").admits(ids, "vm1") and not Allow("spiffe://x/y", "vm*").admits(ids, "db")
     assert not Allow("10.0.0.1").admits(ids, "vm1") and identities(None) == []
 
