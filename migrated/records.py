@@ -56,6 +56,8 @@ MAX_BLOCK_ID_LENGTH = _core.MAX_BLOCK_ID_LENGTH  # a block id is 1 to this many 
 MAX_CONTROL_PAYLOAD = 1 << 20
 MAX_BLOCKS = 65536
 MAX_BLOCK_INFO = 4096
+MAX_INFO_KEYS = 16  # a block's info is flat: what it costs in memory stays near its size on the wire
+_SCALARS = (str, int, float, bool, type(None))
 MAX_BLOCK_LIST = 16 << 20  # bytes of one MEM_SIZE record (65536 blocks of a 200-byte id and info fit in it)
 
 _HEADER = struct.Struct(">Q")
@@ -345,6 +347,12 @@ def _parse_mem_size(mv: memoryview, offset: int, resume: dict) -> ParsedRecord |
             raise RecordError(f"block list at stream offset {offset}: block id or info is not valid", offset) from None
         if not isinstance(info, dict):
             raise RecordError(f"block list at stream offset {offset}: block info is not a JSON object", offset)
+        if len(info) > MAX_INFO_KEYS or not all(isinstance(v, _SCALARS) for v in info.values()):
+            raise RecordError(
+                f"block list at stream offset {offset}: block info must be a flat JSON object of at most "
+                f"{MAX_INFO_KEYS} strings, numbers, booleans or nulls",
+                offset,
+            )
         _check_block(bid, length, page_size, offset)
         pos += infolen
         blocks.append(BlockInfo(bid, length, page_size, info))

@@ -270,3 +270,11 @@ def test_json_without_nan_or_infinity_in_block_info():
         parse_record(_mem_size(b'{"start":NaN}'), 0)
     with pytest.raises(RecordError, match="not valid"):
         parse_record(_mem_size(b'{"start":-Infinity}'), 0)
+
+
+@pytest.mark.parametrize("info", [b'{"a":{}}', b'{"a":[1]}', b"{" + b",".join(b'"k%d":1' % i for i in range(17)) + b"}"])
+def test_block_info_is_a_flat_object_so_its_memory_stays_near_its_size(info):
+    """A 4 KiB info of nested {} became about 96 KiB of objects (review)."""
+    with pytest.raises(RecordError, match="flat JSON object"):
+        parse_record(_mem_size(info), 0)
+    assert parse_record(_mem_size(b'{"start":4096,"perms":"rw-p","path":null,"offset":0}'), 0) is not None
