@@ -272,7 +272,10 @@ def test_json_without_nan_or_infinity_in_block_info():
         parse_record(_mem_size(b'{"start":-Infinity}'), 0)
 
 
-@pytest.mark.parametrize("info", [b'{"a":{}}', b'{"a":[1]}', b"{" + b",".join(b'"k%d":1' % i for i in range(17)) + b"}"])
+SEVENTEEN_KEYS = b"{" + b",".join(b'"k%d":1' % i for i in range(17)) + b"}"
+
+
+@pytest.mark.parametrize("info", [b'{"a":{}}', b'{"a":[1]}', SEVENTEEN_KEYS])
 def test_block_info_is_a_flat_object_so_its_memory_stays_near_its_size(info):
     """A 4 KiB info of nested {} became about 96 KiB of objects (review)."""
     with pytest.raises(RecordError, match="flat JSON object"):
