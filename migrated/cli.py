@@ -84,6 +84,7 @@ def _receive(args: argparse.Namespace) -> int:
                 tls=tls,
                 tls_allow=allow,
                 max_image_size=args.max_image_size,
+                min_rate=args.min_rate,
                 reserve=args.reserve,
             )
         )
@@ -572,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="DURATION",
         help="fail a migration whose sender does not take an answer sent to it for this long (default 30s)",
+    )
+    r.add_argument(
+        "--min-rate",
+        type=size_arg,
+        default=1024,
+        metavar="RATE",
+        help="bytes a second a sender must send at least, averaged over each 60 s (0: no bound); a sender "
+        "that trickles below it would hold its migration slot and reservation (default 1K)",
     )
     r.add_argument(
         "--max-image-size",

@@ -58,6 +58,7 @@ log = structlog.get_logger("migrated.receiver")
 
 RECEIVE_CHUNK = 4 << 20
 HANDSHAKE_CHUNK = 16 << 10  # the buffers of a connection until its HELLO is accepted
+RATE_WINDOW = 60.0  # seconds over which --min-rate is measured
 READ_AHEAD_CHUNKS = 2  # received chunks waiting while one is applied
 RING_BUFFERS = READ_AHEAD_CHUNKS + 3  # + the one applied, the one being received, a spare
 # apply in a worker thread above this much buffered data: a hand-off to a
@@ -78,6 +79,7 @@ class ReceiverConfig:
     send_timeout: float = 30.0  # for the sender to take each thing sent to it (an ACK, COMMITTED)
     max_connections: int = 64  # connections open at once; more are refused with ``limit``
     max_migrations: int = 8  # migrations past their HELLO at once; more are refused with ``limit``
+    min_rate: int = 1024  # bytes a second a sender sends at least, over each RATE_WINDOW (0: no bound)
     max_image_size: int | None = None  # bytes of one image, at most (None: what the disk has beyond the reserve)
     reserve: float = 0.05  # the share of the directory's filesystem no image may take
     tls: ssl.SSLContext | None = None  # TLS on every connection (tls.server_context)
@@ -264,6 +266,7 @@ class _Session:
         # costs kilobytes; the ring is made once a migration is under way
         ring = [memoryview(bytearray(HANDSHAKE_CHUNK)) for _ in range(RING_BUFFERS)]
         turn = 0
+        window_start, window_bytes = trio.current_time(), 0
         while True:
             if len(ring[0]) < RECEIVE_CHUNK and self.name is not None:
                 ring = [memoryview(bytearray(RECEIVE_CHUNK)) for _ in range(RING_BUFFERS)]
@@ -278,6 +281,15 @@ class _Session:
                 if self.completing:  # the sender waits for COMMITTED: the commit may take long
                     continue
                 raise IdleTimeout(f"no data from the sender for {self.config.idle_timeout:g} s")
+            window_bytes += n
+            now = trio.current_time()
+            if now - window_start >= RATE_WINDOW:  # a sender that trickles holds its slot and reservation
+                if window_bytes < self.config.min_rate * (now - window_start) and not self.completing:
+                    raise PeerTimeout(
+                        f"the sender sent {window_bytes} bytes in {now - window_start:.0f} s, less than the "
+                        f"receiver's --min-rate of {self.config.min_rate} bytes a second"
+                    )
+                window_start, window_bytes = now, 0
             await chunks.send(buf[:n])
             if not n:
                 return

@@ -150,3 +150,29 @@ async def test_a_terabyte_block_list_is_refused_before_any_reservation(tmp_path)
     err = error_of(answer)
     assert err["code"] == "no-space" and "in reserve" in err["message"]
     assert staging_left(images) == []  # nothing reserved, nothing left
+
+
+async def test_a_sender_that_trickles_below_min_rate_is_failed(tmp_path, monkeypatch):
+    """A byte at a time never trips the idle timeout, but held a migration
+    slot and its reservation for ever (review); now --min-rate (measured
+    over 1 s here instead of 60)."""
+    from migrated import receiver
+    from migrated.records import BlockInfo, frame_mem_size
+
+    monkeypatch.setattr(receiver, "RATE_WINDOW", 1.0)
+    images = tmp_path / "images"
+    async with running_receiver(images, min_rate=1024) as rx:
+        stream = await trio.open_tcp_stream("127.0.0.1", rx.port)
+        await stream.send_all(raw_hello(name="slow") + frame_mem_size([BlockInfo("ram", 1 << 20, 4096)]))
+        started = trio.current_time()
+        with trio.fail_after(20):
+            while not rx.failed:
+                await stream.send_all(b"\x00")  # a page record, one byte at a time
+                await trio.sleep(0.2)
+        waited = trio.current_time() - started
+        with trio.fail_after(10):
+            answer = await read_to_end(stream)
+    assert 1 <= waited <= 5
+    err = error_of(answer)
+    assert err["code"] == "timeout" and "--min-rate of 1024" in err["message"]
+    assert rx.busy == set() and not any(".staging-" in p.name for p in images.iterdir())
