@@ -13,6 +13,7 @@ import pytest
 from daemons import image_bytes, make_image, receiver_process, staging_left, state, writer
 
 from migrated._tools import localrun
+from migrated._tools.localrun import ReceiverProcess
 from migrated.pages import image_digest, page_hashes
 
 MiB = 1 << 20
@@ -112,28 +113,44 @@ def test_human_summary_and_receiver_without_xbzrle(tmp_path):
         assert rx.stop() == 0  # SIGTERM: a clean exit
 
 
-def test_receiver_killed_mid_migration(tmp_path, receiver):
+@pytest.mark.parametrize(
+    ("phase", "event", "count"),
+    [("handshake", "accept_migration", 1), ("pass 0", "set_blocks", 1), ("dirty pass", "apply_pass", 1)],
+)
+def test_receiver_killed_in_any_phase_and_restarted_loses_nothing(tmp_path, phase, event, count):
+    """SIGKILL of the receiver at a phase of a migration: the sender fails
+    with a network error, its writer runs again, the restarted receiver
+    removes the staging left behind and still holds the previous image, and
+    a retry commits."""
+    rx = receiver_process(tmp_path)
     src = tmp_path / "src.img"
-    make_image(src, 16 * MiB)
+    first = make_image(src, 1 * MiB, seed=3)
+    assert send("--source", f"file:{src}", "--to", rx.address, "--name", "k").returncode == 0
+    make_image(src, 8 * MiB)
+    count += sum(1 for e in rx.events() if e.get("event") == event)  # the first migration's
     with writer(src, "--stride", "4096") as w:
         p = start_send(
-            "--source",
-            f"file:{src}",
-            "--to",
-            receiver.address,
-            "--name",
-            "k",
-            "--pause-pid",
-            str(w.pid),
-            "--max-bandwidth",
-            "4M",
+            *("--source", f"file:{src}", "--to", rx.address, "--name", "k", "--pause-pid", str(w.pid)),
+            *("--max-bandwidth", "4M", "--downtime-limit", "1ms", "--timeout", "5s"),
         )
-        receiver.wait_for("set_blocks")
-        receiver.proc.kill()
+        deadline = time.monotonic() + 60
+        while sum(1 for e in rx.events() if e.get("event") == event) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rx.proc.kill()
+        rx.proc.wait()
         out, err = p.communicate(timeout=60)
-        assert p.returncode == 1
+        assert p.returncode == 1, err
         assert err.strip().splitlines()[-1].startswith("migrated: send failed (network):")
         assert state(w.pid) != "T"
+    again = ReceiverProcess(rx.dir, tmp_path / "again.log")
+    try:
+        # the staging made at HELLO: the restart removes it
+        assert again.wait_for("remove_stale_staging")["entries"], phase
+        assert staging_left(rx.dir) == [] and image_bytes(rx.dir, "k") == first
+        assert send("--source", f"file:{src}", "--to", again.address, "--name", "k").returncode == 0
+        assert image_bytes(rx.dir, "k") == src.read_bytes()
+    finally:
+        again.stop()
 
 
 def test_sender_killed_mid_migration_keeps_the_previous_image(tmp_path, receiver):

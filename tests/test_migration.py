@@ -1053,3 +1053,24 @@ def test_memory_available_reads_meminfo():
 
     available = memory_available()
     assert available is not None and available > 0
+
+
+async def test_eight_concurrent_migrations_to_one_receiver_all_verify(tmp_path):
+    images = tmp_path / "images"
+    sources = {f"vm{i}": tmp_path / f"{i}.img" for i in range(8)}
+    data = {name: make_image(path, 2 * MiB, seed=i) for i, (name, path) in enumerate(sources.items())}
+    results: dict = {}
+    async with running_receiver(images) as rx:
+
+        async def run(name):
+            results[name] = await migrate(rx.port, FileSource(str(sources[name])), name=name, max_bandwidth=8 * MiB)
+
+        async with trio.open_nursery() as n:
+            for name in sources:
+                n.start_soon(run, name)
+        await trio.sleep(0.05)
+        assert rx.busy == set() and rx.completed == 8
+    for name in sources:
+        assert results[name]["status"] == "completed" and results[name]["verified"], name
+        assert image_bytes(images, name) == data[name]
+    assert staging_left(images) == []

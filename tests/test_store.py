@@ -281,3 +281,46 @@ def test_block_info_is_a_flat_object_so_its_memory_stays_near_its_size(info):
     with pytest.raises(RecordError, match="flat JSON object"):
         parse_record(_mem_size(info), 0)
     assert parse_record(_mem_size(b'{"start":4096,"perms":"rw-p","path":null,"offset":0}'), 0) is not None
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs with 64 inodes of its own (root only: an operator's
+    machine without it runs the RLIMIT_FSIZE test in test_cli_daemons)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; tests/test_cli_daemons.py covers a full disk with RLIMIT_FSIZE")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_filling_filesystem_fails_each_step_with_no_space_and_keeps_the_image(small_fs):
+    from migrated.errors import NoSpace
+
+    store = ImageStore(small_fs / "images", reserve=0.0)
+    commit(store, "vm", b"\x01" * PS)
+    before = (small_fs / "images" / "vm" / "b1.mem").read_bytes()
+    big = store.begin("vm", PS)
+    with pytest.raises(NoSpace, match="need"):
+        big.set_blocks([BlockInfo("ram", 8 << 20, PS)])  # more than the filesystem
+    big.discard()
+    inodes = []
+    with pytest.raises(OSError):  # use up the inodes
+        for i in range(100):
+            (small_fs / "images" / f"fill{i}").touch()
+            inodes.append(i)
+    with pytest.raises(NoSpace, match="staging directory"):
+        store.begin("vm", PS)
+    (small_fs / "images" / "fill0").unlink()  # one inode: the staging, but not its block file
+    staging = store.begin("vm", PS)
+    with pytest.raises(NoSpace, match="cannot create the file of block"):
+        staging.set_blocks([BlockInfo("ram", PS, PS)])
+    staging.discard()
+    assert (small_fs / "images" / "vm" / "b1.mem").read_bytes() == before
+    assert not [p for p in (small_fs / "images").iterdir() if ".staging-" in p.name]
