@@ -311,7 +311,7 @@ def test_a_filling_filesystem_fails_each_step_with_no_space_and_keeps_the_image(
         big.set_blocks([BlockInfo("ram", 8 << 20, PS)])  # more than the filesystem
     big.discard()
     inodes = []
-    with pytest.raises(OSError):  # use up the inodes
+    with pytest.raises(OSError, match="No space left"):  # use up the inodes
         for i in range(100):
             (small_fs / "images" / f"fill{i}").touch()
             inodes.append(i)
