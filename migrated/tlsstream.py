@@ -44,6 +44,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         )
         self._send_lock = trio.Lock()
         self._eof = False
+        self._broken = False  # a send was cancelled with its records taken from TLS: the stream is torn
 
     @property
     def socket(self):  # what getpeername and keepalive look for, as on a SocketStream
@@ -94,11 +95,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
             pass
 
     async def send_all(self, data) -> None:
+        """Encrypt ``data`` and send it. A cancellation part way leaves the
+        stream broken (as trio.SSLStream's): the records taken from TLS
+        cannot be taken back, so what follows could not be decrypted."""
+        if self._broken:
+            raise trio.BrokenResourceError("a send on this TLS stream was cancelled part way")
         try:
             self._tls.write(data)
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        await self._flush()
+        try:
+            await self._flush()
+        except BaseException:
+            self._broken = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -106,6 +116,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def receive_into(self, view: memoryview) -> int:
         """Decrypt into ``view`` what has arrived (at least one byte, waiting
         for it if need be); 0 at the end of the stream."""
+        if self._broken:
+            raise trio.BrokenResourceError("a send on this TLS stream was cancelled part way")
         n = 0
         while True:
             try:
@@ -122,10 +134,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if n:
                     return n  # the error again on the next call
                 raise trio.BrokenResourceError(str(exc)) from exc
-            if self._outgoing.pending:  # a read can make TLS write (a key update)
-                await self._flush()
+            # what has been decrypted is returned at once: neither a writer
+            # holding the socket nor a cancellation may keep or lose it
             if n or self._eof:
                 return n
+            if self._outgoing.pending and not self._send_lock.locked():
+                await self._flush()  # what a read made TLS write (a key update); a sender's flush takes it too
             if not await self._fill():
                 self._eof = True
 
