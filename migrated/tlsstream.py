@@ -45,6 +45,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._send_lock = trio.Lock()
         self._eof = False
         self._broken = False  # a send was cancelled with its records taken from TLS: the stream is torn
+        self._error: trio.BrokenResourceError | None = None  # a TLS error met after data: raised on the next call
 
     @property
     def socket(self):  # what getpeername and keepalive look for, as on a SocketStream
@@ -118,28 +119,37 @@ class TLSStream(trio.abc.HalfCloseableStream):
         for it if need be); 0 at the end of the stream."""
         if self._broken:
             raise trio.BrokenResourceError("a send on this TLS stream was cancelled part way")
+        if self._error is not None:
+            raise self._error
         n = 0
         while True:
             try:
                 while n < len(view):
                     got = int(self._tls.read(len(view) - n, view[n:]))  # with a buffer: a count
-                    if not got:
-                        break
+                    if not got:  # 0, not SSLWantReadError: the peer's close_notify
+                        self._eof = True
+                        return n
                     n += got
             except ssl.SSLWantReadError:
                 pass
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
+            except ssl.SSLZeroReturnError:  # close_notify, where read raises it
+                self._eof = True
                 return n
             except ssl.SSLError as exc:
+                # OpenSSL's error queue holds the reason once: keep it for the next call
+                self._error = trio.BrokenResourceError(str(exc))
+                self._error.__cause__ = exc
                 if n:
-                    return n  # the error again on the next call
-                raise trio.BrokenResourceError(str(exc)) from exc
+                    return n
+                raise self._error from exc
             # what has been decrypted is returned at once: neither a writer
             # holding the socket nor a cancellation may keep or lose it
             if n or self._eof:
                 return n
             if self._outgoing.pending and not self._send_lock.locked():
-                await self._flush()  # what a read made TLS write (a key update); a sender's flush takes it too
+                # what a read made TLS write (a key update); a failure here is the
+                # writer's to report: the read goes on to what the peer sent
+                await self._flush_quietly()
             if not await self._fill():
                 self._eof = True
 
@@ -156,4 +166,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
         await self._flush_quietly()
 
     async def aclose(self) -> None:
-        await self.transport_stream.aclose()
+        """Say close_notify where it can go at once (so the peer reads an end
+        of stream, not an error), then close the socket."""
+        try:
+            if not (self._broken or self._send_lock.locked()):
+                try:
+                    self._tls.unwrap()
+                except ssl.SSLError:  # SSLWantReadError: the peer's close_notify is not awaited
+                    pass
+                with trio.move_on_after(0.5) as scope:
+                    scope.shield = True
+                    await self._flush_quietly()
+        finally:
+            await self.transport_stream.aclose()

@@ -303,3 +303,18 @@ async def test_a_send_cancelled_part_way_breaks_the_stream(pki):
         await client.send_all(b"\0" * (64 << 20))  # nobody reads: cancelled in the socket
     with pytest.raises(trio.BrokenResourceError, match="cancelled part way"):
         await client.send_all(b"more")
+
+
+async def test_a_closed_or_half_closed_peer_reads_as_end_of_stream(pki):
+    """close_notify is an end of stream, not a wait (send_eof) nor an error
+    (aclose), found by review."""
+    for close in ("send_eof", "aclose"):
+        client, server = await _tls_pair(pki)
+        await server.send_all(b"bye")
+        await getattr(server, close)()
+        buf = memoryview(bytearray(100))
+        with trio.fail_after(3):
+            got = [bytes(buf[: await client.receive_into(buf)]) for _ in range(2)]
+        assert got == [b"bye", b""], close
+        await client.aclose()
+        await server.aclose()
