@@ -115,7 +115,12 @@ def test_human_summary_and_receiver_without_xbzrle(tmp_path):
 
 @pytest.mark.parametrize(
     ("phase", "event", "count"),
-    [("handshake", "accept_migration", 1), ("pass 0", "set_blocks", 1), ("dirty pass", "apply_pass", 1)],
+    [
+        ("handshake", "accept_migration", 1),
+        ("pass 0", "set_blocks", 1),
+        ("dirty pass", "apply_pass", 1),
+        ("final pass", "apply_pass", 2),  # --max-iterations 2: passes 0 and 1, then the final pass
+    ],
 )
 def test_receiver_killed_in_any_phase_and_restarted_loses_nothing(tmp_path, phase, event, count):
     """SIGKILL of the receiver at a phase of a migration: the sender fails
@@ -131,7 +136,7 @@ def test_receiver_killed_in_any_phase_and_restarted_loses_nothing(tmp_path, phas
     with writer(src, "--stride", "4096") as w:
         p = start_send(
             *("--source", f"file:{src}", "--to", rx.address, "--name", "k", "--pause-pid", str(w.pid)),
-            *("--max-bandwidth", "4M", "--downtime-limit", "1ms", "--timeout", "5s"),
+            *("--max-bandwidth", "4M", "--downtime-limit", "1ms", "--timeout", "5s", "--max-iterations", "2"),
         )
         deadline = time.monotonic() + 60
         while sum(1 for e in rx.events() if e.get("event") == event) < count and time.monotonic() < deadline:
