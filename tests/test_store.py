@@ -283,17 +283,29 @@ def test_block_info_is_a_flat_object_so_its_memory_stays_near_its_size(info):
     assert parse_record(_mem_size(b'{"start":4096,"perms":"rw-p","path":null,"offset":0}'), 0) is not None
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 4 MiB tmpfs with 64 inodes of its own (root only: an operator's
-    machine without it runs the RLIMIT_FSIZE test in test_cli_daemons)."""
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_fs(tmp_path, request):
+    """A small filesystem of its own, with few inodes: a 4 MiB tmpfs, or an
+    8 MiB ext4 on a loop device (root only: an operator's machine without
+    it runs the RLIMIT_FSIZE test in test_cli_daemons)."""
+    import shutil
     import subprocess
 
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; tests/test_cli_daemons.py covers a full disk with RLIMIT_FSIZE")
+        pytest.skip("mounting a filesystem needs root; tests/test_cli_daemons.py covers a full disk with RLIMIT_FSIZE")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mnt)], check=True)
+    if request.param == "tmpfs":
+        cmd = ["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mnt)]
+    else:
+        if not shutil.which("mkfs.ext4"):
+            pytest.skip("no mkfs.ext4 here; the tmpfs case covers a full filesystem")
+        disk = tmp_path / "ext4.img"
+        with open(disk, "wb") as fh:
+            fh.truncate(8 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-N", "64", "-F", str(disk)], check=True)
+        cmd = ["mount", "-o", "loop", str(disk), str(mnt)]
+    subprocess.run(cmd, check=True)
     try:
         yield mnt
     finally:
@@ -308,7 +320,7 @@ def test_a_filling_filesystem_fails_each_step_with_no_space_and_keeps_the_image(
     before = (small_fs / "images" / "vm" / "b1.mem").read_bytes()
     big = store.begin("vm", PS)
     with pytest.raises(NoSpace, match="need"):
-        big.set_blocks([BlockInfo("ram", 8 << 20, PS)])  # more than the filesystem
+        big.set_blocks([BlockInfo("ram", 16 << 20, PS)])  # more than the filesystem
     big.discard()
     inodes = []
     with pytest.raises(OSError, match="No space left"):  # use up the inodes
