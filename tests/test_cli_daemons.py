@@ -158,6 +158,41 @@ def test_receiver_killed_in_any_phase_and_restarted_loses_nothing(tmp_path, phas
         again.stop()
 
 
+def test_receiver_killed_between_complete_and_committed_leaves_one_whole_image(tmp_path):
+    """SIGKILL right after the sender said COMPLETE (its send_final_pass
+    line): the receiver may or may not have committed. Either way the name
+    holds one whole image, old or new, the restart leaves no staging, the
+    writer runs again, and the sender's exit says whether it knows."""
+    rx = receiver_process(tmp_path, "--stage-in-memory")
+    src = tmp_path / "src.img"
+    first = make_image(src, 1 * MiB, seed=3)
+    assert send("--source", f"file:{src}", "--to", rx.address, "--name", "k").returncode == 0
+    make_image(src, 32 * MiB, seed=4)
+    with writer(src, "--stride", "4096", "--sweeps", "1") as w:
+        p = start_send(
+            *("--source", f"file:{src}", "--to", rx.address, "--name", "k", "--pause-pid", str(w.pid)),
+            *("--log-format", "json", "--timeout", "5s"),
+        )
+        assert p.stderr is not None
+        for line in p.stderr:
+            if '"send_final_pass"' in line:
+                rx.proc.kill()
+                break
+        rx.proc.wait()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode in (0, 1), err
+        if p.returncode == 1:
+            assert err.strip().splitlines()[-1].startswith("migrated: send failed (network):")
+        assert state(w.pid) != "T"
+        final = src.read_bytes()  # the writer is done after its one sweep
+    again = ReceiverProcess(rx.dir, tmp_path / "again.log")
+    try:
+        assert staging_left(rx.dir) == []
+        assert image_bytes(rx.dir, "k") in (first, final)
+    finally:
+        again.stop()
+
+
 def test_sender_killed_mid_migration_keeps_the_previous_image(tmp_path, receiver):
     src = tmp_path / "src.img"
     first = make_image(src, 2 * MiB, seed=1)
