@@ -13,6 +13,7 @@ import random
 import pytest
 import trio
 from daemons import image_bytes, running_receiver, staging_left
+from structlog.testing import capture_logs
 
 from migrated.errors import MigrationError
 from migrated.records import BlockInfo
@@ -170,12 +171,16 @@ async def test_a_fault_in_any_phase_fails_cleanly_and_loses_nothing(tmp_path, cl
         relay = Relay(rx.port, fault, at, direction)
         await nursery.start(relay.serve)
         source = Scripted(1)
-        sender, summary, exc = await send(relay.port, source, "vm")
-        with trio.fail_after(10):  # the receiver's side of it, if it saw one
-            while rx.busy:
-                await trio.sleep(0.02)
+        failed_before = rx.failed
+        with capture_logs() as logs:
+            sender, summary, exc = await send(relay.port, source, "vm")
+            with trio.fail_after(10):  # the receiver's side of it
+                while rx.busy or (phase != "after COMPLETE" and rx.failed == failed_before):
+                    await trio.sleep(0.02)
+        said = [e for e in logs if e["event"] == "fail_migration" and "error" in e]  # the receiver's lines
         after = image_bytes(images, "vm")
-        print(f"FAULT {fault} | {phase} | {exc.code if exc else 'completed'} | {exc}")  # the matrix, with -s
+        theirs = said[0]["code"] if said else "committed"
+        print(f"FAULT {fault} | {phase} | sender {exc.code if exc else 'completed'} | receiver {theirs}")  # with -s
         assert not source.frozen, "the source was left frozen"
         if phase == "after COMPLETE":
             # the receiver had the whole image: it is the new one or the old, never a mix
@@ -187,6 +192,8 @@ async def test_a_fault_in_any_phase_fails_cleanly_and_loses_nothing(tmp_path, cl
         else:
             assert exc is not None, f"{fault} in {phase}: the sender reported success"
             assert str(exc) and exc.code != "internal", exc
+            # the receiver, too, failed it and said why
+            assert len(said) == 1 and said[0]["code"] != "internal" and said[0]["error"], said
             assert after == before, f"{fault} in {phase}: the previous image changed"
             assert source.thawed in (None, False)  # resumed as failed, where it had been frozen
         assert staging_left(images) == []
