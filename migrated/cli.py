@@ -310,7 +310,8 @@ certificate must match the host in --to (or --tls-hostname). "verified" in
 the summary means the receiver confirmed the digest and was authenticated
 (by TLS) or is this machine (loopback).
 
-exit status: 0 committed and verified, 1 failed (stderr says which side and why),
+exit status: 0 committed, its digest confirmed by the receiver ("verified" in the
+summary also says the receiver was authenticated), 1 failed (stderr says which side and why),
 2 usage error, 3 cancelled by SIGINT/SIGTERM (the source is resumed)."""
 
 RECEIVE_EPILOG = """\
